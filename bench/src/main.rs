@@ -313,6 +313,12 @@ fn run(args: &Args) -> Result<()> {
         "medians of {} trials; ratios are hostnet-proxy's median over the other column's",
         args.repeats
     );
+    if scenarios.contains(&Scenario::Conns) {
+        println!(
+            "idle conns: {} opened through a fresh proxy per trial, each checked by a 1-byte round trip",
+            args.idle_conns
+        );
+    }
 
     if let Some(path) = &args.json {
         let meta = vec![

@@ -271,7 +271,11 @@ fn read_ready(read_end: OwnedFd) -> Result<String> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("no readiness report on fd 3 within {READY_TIMEOUT:?}");
+            if got.is_empty() {
+                bail!("no readiness report on fd 3 within {READY_TIMEOUT:?}");
+            }
+            // A failure report whose writer did not exit: use what we got.
+            return Ok(String::from_utf8_lossy(&got).into_owned());
         }
         let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
         let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
