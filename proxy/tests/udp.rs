@@ -405,3 +405,68 @@ fn expired_flows_release_descriptors() {
     // And the proxy still serves.
     udp_echo_check(&clients[0], p.addr(), b"still alive", REPLY).unwrap();
 }
+
+/// Sends `n` datagrams `gap` apart, stays silent for `silence`, sends one
+/// more. Returns the backend-side source ports of the first `n` and of the
+/// last datagram.
+fn flow_ports(timeout: &str, n: usize, gap: Duration, silence: Duration) -> (Vec<u16>, u16) {
+    let be = UdpServer::sink(any_port(LO4));
+    let p = Proxy::udp()
+        .listen(udp_listen_socket(any_port(LO4)))
+        .container(be.addr)
+        .env("HOSTNET_PROXY_UDP_TIMEOUT", timeout)
+        .start();
+    let c = udp_client(LO4);
+    for i in 0..n {
+        c.send_to(&payload(i as u64, 20), p.addr()).unwrap();
+        thread::sleep(gap);
+    }
+    assert!(be.wait_for(n, REPLY), "backend got {} of {n}", be.count());
+    thread::sleep(silence.saturating_sub(gap));
+    c.send_to(b"last", p.addr()).unwrap();
+    assert!(be.wait_for(n + 1, REPLY), "last datagram lost");
+    let seen = be.received();
+    (
+        seen[..n].iter().map(|(s, _)| s.port()).collect(),
+        seen[n].0.port(),
+    )
+}
+
+/// HOSTNET_PROXY_UDP_TIMEOUT accepts plain seconds and milliseconds.
+#[test]
+fn udp_timeout_units() {
+    // "1" is one second: traffic every 200 ms keeps the flow, 2.1 s of
+    // silence ends it.
+    let plain = thread::spawn(|| {
+        flow_ports(
+            "1",
+            5,
+            Duration::from_millis(200),
+            Duration::from_millis(2100),
+        )
+    });
+    // "400ms": traffic every 100 ms keeps the flow, 1 s of silence ends it.
+    let (ports, last) = flow_ports(
+        "400ms",
+        5,
+        Duration::from_millis(100),
+        Duration::from_millis(1000),
+    );
+    assert!(
+        ports.iter().all(|&p| p == ports[0]),
+        "UDP_TIMEOUT=400ms, traffic every 100 ms: flow changed: {ports:?}"
+    );
+    assert_ne!(
+        last, ports[0],
+        "UDP_TIMEOUT=400ms: flow not collected after 1 s of silence"
+    );
+    let (ports, last) = plain.join().unwrap();
+    assert!(
+        ports.iter().all(|&p| p == ports[0]),
+        "UDP_TIMEOUT=1 (seconds), traffic every 200 ms: flow changed: {ports:?}"
+    );
+    assert_ne!(
+        last, ports[0],
+        "UDP_TIMEOUT=1: flow not collected after 2.1 s of silence"
+    );
+}

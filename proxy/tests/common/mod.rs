@@ -815,13 +815,18 @@ impl ProxyBuilder {
         let child_setup = move || -> io::Result<()> {
             place_fd(status_raw, 3)?;
             place_fd(listen_raw, 4)?;
+            // Like dockerd, hand over nothing else (the test harness may hold
+            // inheritable descriptors, e.g. a jobserver pipe).
+            // SAFETY: close_range on numbers >= 5 only, which the child
+            // owns and never uses; failure (old kernel) is harmless.
+            unsafe { libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) };
             if let Some(n) = nofile {
                 setrlimit(Resource::RLIMIT_NOFILE, n, n).map_err(io::Error::from)?;
             }
             Ok(())
         };
         // SAFETY: `child_setup` runs between fork and exec; it only calls
-        // dup2, close and setrlimit (async-signal-safe) on integers captured
+        // dup2, close, close_range and setrlimit (async-signal-safe) on integers captured
         // by value, and does not allocate or take locks.
         unsafe {
             cmd.pre_exec(child_setup);
