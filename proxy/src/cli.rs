@@ -17,7 +17,9 @@ use std::sync::Mutex;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::args::{self, Command, Proto};
 use crate::config::Config;
@@ -184,13 +186,15 @@ fn transport_name(t: Transport) -> &'static str {
 }
 
 fn init_logging(config: &Config) -> Result<(), String> {
-    let filter = EnvFilter::try_new(&config.log)
+    // `Targets` rather than `EnvFilter`: the same `info` / `target=debug` syntax without a regex
+    // engine, which would double the binary and the pages an idle proxy keeps resident.
+    let filter: Targets = config
+        .log
+        .parse()
         .map_err(|e| format!("invalid HOSTNET_PROXY_LOG={:?}: {e}", config.log))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    let result = match (&config.log_file, config.log_json) {
-        (Some(path), json) => {
+    let builder = tracing_subscriber::fmt().with_target(false);
+    let result = match &config.log_file {
+        Some(path) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -198,15 +202,18 @@ fn init_logging(config: &Config) -> Result<(), String> {
                 .map_err(|e| {
                     format!("cannot open HOSTNET_PROXY_LOG_FILE {}: {e}", path.display())
                 })?;
-            let b = builder.with_writer(Mutex::new(file)).with_ansi(false);
-            if json {
-                b.json().try_init()
-            } else {
-                b.try_init()
-            }
+            builder
+                .with_writer(Mutex::new(file))
+                .with_ansi(false)
+                .finish()
+                .with(filter)
+                .try_init()
         }
-        (None, true) => builder.with_writer(std::io::stderr).json().try_init(),
-        (None, false) => builder.with_writer(std::io::stderr).try_init(),
+        None => builder
+            .with_writer(std::io::stderr)
+            .finish()
+            .with(filter)
+            .try_init(),
     };
     result.map_err(|e| format!("cannot set up logging: {e}"))
 }

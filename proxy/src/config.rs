@@ -10,9 +10,8 @@
 //! | `HOSTNET_PROXY_UDP_MAX_DATAGRAM` | `65535` | largest datagram received; larger ones are counted and dropped |
 //! | `HOSTNET_PROXY_CONNECT_TIMEOUT` | `30s` | bound on the TCP connect to the container |
 //! | `HOSTNET_PROXY_PROXY_PROTOCOL` | `off` | `v2`: send a PROXY protocol v2 header to the container (TCP) |
-//! | `HOSTNET_PROXY_LOG` | `info` | log filter (`error`, `warn`, `info`, `debug`, `trace`, or tracing directives) |
+//! | `HOSTNET_PROXY_LOG` | `info` | log filter: `off`, `error`, `warn`, `info`, `debug`, `trace`, or `target=level,...` |
 //! | `HOSTNET_PROXY_LOG_FILE` | (stderr) | append log lines to this file (dockerd discards stderr) |
-//! | `HOSTNET_PROXY_LOG_FORMAT` | `text` | `json` for one JSON object per line |
 //!
 //! Durations are a number of seconds (`90`, `0.5`) or a number with `ms` or `s` (`1500ms`).
 
@@ -36,8 +35,6 @@ pub struct Config {
     pub log: String,
     /// Log destination; `None` is stderr.
     pub log_file: Option<PathBuf>,
-    /// One JSON object per log line.
-    pub log_json: bool,
 }
 
 impl Default for Config {
@@ -50,7 +47,6 @@ impl Default for Config {
             proxy_protocol: false,
             log: "info".to_owned(),
             log_file: None,
-            log_json: false,
         }
     }
 }
@@ -128,13 +124,6 @@ impl Config {
         if let Some((_, v)) = var("HOSTNET_PROXY_LOG_FILE") {
             c.log_file = Some(PathBuf::from(v));
         }
-        if let Some((n, v)) = var("HOSTNET_PROXY_LOG_FORMAT") {
-            c.log_json = match v.as_str() {
-                "json" => true,
-                "text" => false,
-                _ => return Err(err(n, &v, "expected text or json")),
-            };
-        }
         Ok(c)
     }
 }
@@ -204,7 +193,6 @@ mod tests {
             ("HOSTNET_PROXY_UDP_MAX_DATAGRAM", "70000"),
             ("HOSTNET_PROXY_CONNECT_TIMEOUT", "x"),
             ("HOSTNET_PROXY_PROXY_PROTOCOL", "v3"),
-            ("HOSTNET_PROXY_LOG_FORMAT", "xml"),
         ] {
             let e = with(&[bad]).unwrap_err().to_string();
             assert!(e.contains(bad.0), "{e}");

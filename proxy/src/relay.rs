@@ -64,6 +64,11 @@ impl Pipe {
         Ok(Pipe { r, w, cap })
     }
 
+    /// How many buffers the pipe holds (one page each at most, one byte each at least).
+    fn slots(&self) -> usize {
+        self.cap / 4096
+    }
+
     /// Returns an empty pipe to the pool.
     fn give_back(self) {
         PIPES.with(|p| {
@@ -238,6 +243,16 @@ impl Direction {
                 Ok(0)
             }
             Ok(n) => {
+                if n < pipe.slots() {
+                    // A non-blocking splice from TCP takes everything queued unless the pipe
+                    // fills, and a pipe of N slots holds at least N bytes when full: fewer bytes
+                    // prove the socket drained. Forget its readiness now, as tokio does after a
+                    // short read(2), instead of paying for an EAGAIN splice. On a current-thread
+                    // runtime no readiness event can land between the two calls.
+                    let _ = src.try_io(Interest::READABLE, || {
+                        Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+                    });
+                }
                 self.held = InFlight::Pipe { pipe, len: n };
                 Ok(n)
             }

@@ -210,47 +210,63 @@ impl UdpProxy {
                 Err(e) => return Err(e),
             }
             let now = Instant::now();
-            for (i, m) in meta.iter().enumerate() {
+            let front_ip = self.front_local_ip();
+            let mut i = 0;
+            while i < meta.len() {
+                let m = &meta[i];
                 if m.truncated {
                     self.counters.truncated += 1;
                     if self.counters.truncated.is_power_of_two() {
                         warn!(client = ?m.client, max = slot, total = self.counters.truncated,
                             "datagram larger than HOSTNET_PROXY_UDP_MAX_DATAGRAM dropped");
                     }
+                    i += 1;
                     continue;
                 }
-                let Some(client) = m.client else { continue };
-                let local = m.local.unwrap_or_else(|| self.front_local_ip());
-                let key = FlowKey { client, local };
-                let data = &self.bufs[i * slot..i * slot + m.len];
-                let sent = match self.flows.touch(&key, now) {
-                    Some((_, flow)) => send_to_backend(&flow.sock, data),
+                let Some(client) = m.client else {
+                    i += 1;
+                    continue;
+                };
+                let key = FlowKey {
+                    client,
+                    local: m.local.unwrap_or(front_ip),
+                };
+                // Consecutive datagrams of one flow go out in one sendmmsg(2).
+                let mut run = [IoSlice::new(&[]); BATCH];
+                let mut len = 0;
+                for (j, n) in meta[i..].iter().enumerate() {
+                    if n.truncated
+                        || n.client != Some(client)
+                        || n.local.unwrap_or(front_ip) != key.local
+                    {
+                        break;
+                    }
+                    let off = (i + j) * slot;
+                    run[len] = IoSlice::new(&self.bufs[off..off + n.len]);
+                    len += 1;
+                }
+                let ifindex = m.ifindex;
+                i += len;
+                let (sent, err) = match self.flows.touch(&key, now) {
+                    Some((_, flow)) => send_run(&flow.sock, &run[..len]),
                     None => match open_flow(self.backend) {
                         Ok(sock) => {
-                            let r = send_to_backend(&sock, data);
-                            self.add_flow(
-                                key,
-                                Flow {
-                                    sock,
-                                    ifindex: m.ifindex,
-                                },
-                                now,
-                            );
+                            let r = send_run(&sock, &run[..len]);
+                            self.add_flow(key, Flow { sock, ifindex }, now);
                             r
                         }
                         Err(e) => {
-                            warn!(client = %client, error = %e, "cannot open a flow to the container; datagram dropped");
-                            Err(e)
+                            warn!(client = %client, error = %e,
+                                "cannot open a flow to the container; datagrams dropped");
+                            (0, Some(e))
                         }
                     },
                 };
-                match sent {
-                    Ok(()) => self.counters.to_backend += 1,
-                    Err(e) => {
-                        self.counters.dropped += 1;
-                        debug!(client = %client, backend = %self.backend, error = %e,
-                            "Can't proxy a datagram to udp/{}: {e}", self.backend);
-                    }
+                self.counters.to_backend += sent as u64;
+                if let Some(e) = err {
+                    self.counters.dropped += (len - sent) as u64;
+                    debug!(client = %client, backend = %self.backend, error = %e, dropped = len - sent,
+                        "Can't proxy a datagram to udp/{}: {e}", self.backend);
                 }
             }
             if meta.len() < BATCH {
@@ -441,14 +457,44 @@ fn open_flow(backend: SocketAddr) -> io::Result<UdpSocket> {
     Ok(sock.into())
 }
 
-/// Sends on a flow socket. A refusal left over from an earlier ICMP error is consumed by the
-/// failed send, so the datagram is sent once more (as docker-proxy ≥ 29.5 does).
-fn send_to_backend(sock: &UdpSocket, data: &[u8]) -> io::Result<()> {
-    match sock.send(data) {
-        Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => sock.send(data).map(|_| ()),
-        Err(e) => Err(e),
+/// Sends datagrams on a flow socket with sendmmsg(2); returns how many went out and, if not
+/// all, the error that stopped the rest. A refusal left over from an earlier ICMP error is
+/// consumed by the failed call, so the send is tried once more (as docker-proxy >= 29.5 does).
+fn send_run(sock: &UdpSocket, datagrams: &[IoSlice<'_>]) -> (usize, Option<io::Error>) {
+    // SAFETY: mmsghdr is a plain C struct for which all-zero is a valid (empty) value.
+    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    for (h, d) in hdrs.iter_mut().zip(datagrams) {
+        // IoSlice is ABI-compatible with iovec on Unix; the kernel only reads it.
+        h.msg_hdr.msg_iov = std::ptr::from_ref(d).cast_mut().cast::<libc::iovec>();
+        h.msg_hdr.msg_iovlen = 1;
     }
+    let count = datagrams.len().min(BATCH);
+    let mut sent = 0;
+    let mut retried = false;
+    while sent < count {
+        let rest = u32::try_from(count - sent).unwrap_or(0);
+        // SAFETY: `hdrs[sent..]` holds at least `rest` initialised headers whose iovecs point
+        // into `datagrams`, which outlives the call; the socket is a valid open descriptor.
+        let n = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                hdrs[sent..].as_mut_ptr(),
+                rest,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if let Ok(n) = usize::try_from(n) {
+            sent += n;
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::ECONNREFUSED) if !retried => retried = true,
+            _ => return (sent, Some(e)),
+        }
+    }
+    (sent, None)
 }
 
 /// Sends a reply from the address the client targeted.
