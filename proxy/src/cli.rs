@@ -9,7 +9,7 @@
 //! 5. The front socket is adopted or bound; a failure is `1\n<reason>` on fd 3 and exit 1.
 //! 6. `0\n` on fd 3 in one write, then serve on a single-threaded runtime.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Mutex;
@@ -211,6 +211,7 @@ fn init_logging(config: &Config) -> Result<(), String> {
         }
         None => builder
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .finish()
             .with(filter)
             .try_init(),

@@ -480,7 +480,7 @@ fn send_run(sock: &UdpSocket, datagrams: &[IoSlice<'_>]) -> (usize, Option<io::E
                 sock.as_raw_fd(),
                 hdrs[sent..].as_mut_ptr(),
                 rest,
-                libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT as _,
             )
         };
         if let Ok(n) = usize::try_from(n) {
