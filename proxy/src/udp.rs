@@ -91,6 +91,8 @@ impl AsRawFd for EpollFd {
 pub struct UdpProxy {
     front: tokio::net::UdpSocket,
     front_v6: bool,
+    /// The front socket's own address: the flow's local address when no packet info came.
+    front_ip: IpAddr,
     backend: SocketAddr,
     flows: FlowTable<FlowKey, Flow>,
     epoll: Rc<AsyncFd<EpollFd>>,
@@ -104,7 +106,8 @@ pub struct UdpProxy {
 impl UdpProxy {
     /// Wraps a bound front socket (non-blocking, packet info on). Needs a tokio runtime.
     pub fn new(front: UdpSocket, backend: SocketAddr, config: &Config) -> io::Result<UdpProxy> {
-        let front_v6 = front.local_addr()?.is_ipv6();
+        let front_ip = front.local_addr()?.ip();
+        let front_v6 = front_ip.is_ipv6();
         let sock = SockRef::from(&front);
         // As root (dockerd's proxies are) the force variant passes net.core.rmem_max.
         if sock.set_recv_buffer_size(FRONT_BUFFER).is_ok() {
@@ -127,6 +130,7 @@ impl UdpProxy {
         Ok(UdpProxy {
             front: tokio::net::UdpSocket::from_std(front)?,
             front_v6,
+            front_ip,
             backend,
             flows: FlowTable::new(config.udp_max_flows, config.udp_timeout),
             // SAFETY: the epoll descriptor is owned by `EpollFd`, which the AsyncFd owns: it stays
@@ -210,7 +214,7 @@ impl UdpProxy {
                 Err(e) => return Err(e),
             }
             let now = Instant::now();
-            let front_ip = self.front_local_ip();
+            let front_ip = self.front_ip;
             let mut i = 0;
             while i < meta.len() {
                 let m = &meta[i];
@@ -270,16 +274,11 @@ impl UdpProxy {
                 }
             }
             if meta.len() < BATCH {
+                // Probably drained; the next call sees EAGAIN and clears the readiness. (Clearing
+                // it here would be unsafe: recvmmsg also stops early on an error it stashes.)
                 return Ok(());
             }
         }
-    }
-
-    fn front_local_ip(&self) -> IpAddr {
-        self.front
-            .local_addr()
-            .map(|a| a.ip())
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
     }
 
     fn add_flow(&mut self, key: FlowKey, flow: Flow, now: Instant) {
