@@ -79,15 +79,18 @@ impl Config {
             value: value.to_owned(),
             reason,
         };
-        if let Some((n, v)) = var("HOSTNET_PROXY_UDP_TIMEOUT") {
-            c.udp_timeout = parse_duration(&v).filter(|d| !d.is_zero()).ok_or_else(|| {
+        let duration = |name: &'static str, default: Duration| match var(name) {
+            None => Ok(default),
+            Some((n, v)) => parse_duration(&v).filter(|d| !d.is_zero()).ok_or_else(|| {
                 err(
                     n,
                     &v,
-                    "expected a positive duration such as 90, 90s or 1500ms",
+                    "expected a positive duration such as 30, 30s or 500ms",
                 )
-            })?;
-        }
+            }),
+        };
+        c.udp_timeout = duration("HOSTNET_PROXY_UDP_TIMEOUT", c.udp_timeout)?;
+        c.connect_timeout = duration("HOSTNET_PROXY_CONNECT_TIMEOUT", c.connect_timeout)?;
         if let Some((n, v)) = var("HOSTNET_PROXY_UDP_MAX_FLOWS") {
             c.udp_max_flows = v
                 .parse()
@@ -101,15 +104,6 @@ impl Config {
                 .ok()
                 .filter(|n| (1..=MAX_DATAGRAM).contains(n))
                 .ok_or_else(|| err(n, &v, "expected a whole number from 1 to 65535"))?;
-        }
-        if let Some((n, v)) = var("HOSTNET_PROXY_CONNECT_TIMEOUT") {
-            c.connect_timeout = parse_duration(&v).filter(|d| !d.is_zero()).ok_or_else(|| {
-                err(
-                    n,
-                    &v,
-                    "expected a positive duration such as 30, 30s or 500ms",
-                )
-            })?;
         }
         if let Some((n, v)) = var("HOSTNET_PROXY_PROXY_PROTOCOL") {
             c.proxy_protocol = match v.as_str() {
