@@ -1,0 +1,295 @@
+//! One snapshot: the dumps, what is a listener, and the exclusions.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use netlink_packet_sock_diag::inet::StateFlags;
+
+use super::Error;
+use super::diag::{DiagCounters, DiagRecord, DiagSocket, STATE_CLOSE, STATE_LISTEN};
+use super::set::{Listener, ListenerSet, Protocol};
+
+const PORT_RANGE_PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+const SELF_FD_PATH: &str = "/proc/self/fd";
+/// The kernel's default ephemeral range, used when `ip_local_port_range` cannot be read.
+const DEFAULT_EPHEMERAL: PortRange = PortRange {
+    first: 32768,
+    last: 60999,
+};
+
+/// What to report and what to leave out. `Options::default()` is what the agent wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Report TCP listeners (default true).
+    pub tcp: bool,
+    /// Report UDP listeners (default true).
+    pub udp: bool,
+    /// Report IPv4 sockets (default true).
+    pub ipv4: bool,
+    /// Report IPv6 sockets (default true).
+    pub ipv6: bool,
+    /// Leave out sockets whose inode is one of this process's file descriptors (default true).
+    pub exclude_own_process: bool,
+    /// Leave out UDP sockets on a port of the kernel's ephemeral range (default true).
+    pub exclude_udp_ephemeral: bool,
+    /// Leave out these (protocol, port) pairs, on every address (default empty): the ports this
+    /// side mirrors for the other side (loop prevention).
+    pub exclude_ports: BTreeSet<(Protocol, u16)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            tcp: true,
+            udp: true,
+            ipv4: true,
+            ipv6: true,
+            exclude_own_process: true,
+            exclude_udp_ephemeral: true,
+            exclude_ports: BTreeSet::new(),
+        }
+    }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port of the range.
+    pub first: u16,
+    /// Last port of the range (inclusive).
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`, which applies to IPv6 too)
+/// of the caller's network namespace.
+pub fn ephemeral_port_range() -> Result<PortRange, Error> {
+    let text = std::fs::read_to_string(PORT_RANGE_PATH).map_err(|source| Error::Proc {
+        path: PORT_RANGE_PATH,
+        source,
+    })?;
+    let bad = || Error::Proc {
+        path: PORT_RANGE_PATH,
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("expected two ports, got {:?}", text.trim()),
+        ),
+    };
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(first)), Some(Ok(last)), None) if first <= last => Ok(PortRange { first, last }),
+        _ => Err(bad()),
+    }
+}
+
+/// The socket inodes of this process's open file descriptors (`/proc/self/fd/N -> socket:[INODE]`).
+pub fn own_socket_inodes() -> Result<HashSet<u32>, Error> {
+    let dir = std::fs::read_dir(SELF_FD_PATH).map_err(|source| Error::Proc {
+        path: SELF_FD_PATH,
+        source,
+    })?;
+    let mut out = HashSet::new();
+    for entry in dir {
+        // An fd closed while we walk (or the directory's own fd) fails here: not a socket of ours.
+        let Ok(entry) = entry else { continue };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let Some(target) = target.to_str() else {
+            continue;
+        };
+        if let Some(ino) = target
+            .strip_prefix("socket:[")
+            .and_then(|s| s.strip_suffix(']'))
+            .and_then(|s| s.parse::<u64>().ok())
+            .and_then(|n| u32::try_from(n).ok())
+        {
+            out.insert(ino);
+        }
+    }
+    Ok(out)
+}
+
+/// Takes snapshots of the listeners of the caller's network namespace: one netlink socket, the
+/// options, and a cache of which socket inodes belong to this process.
+#[derive(Debug)]
+pub struct Discovery {
+    options: Options,
+    sock: DiagSocket,
+    ephemeral: PortRange,
+    /// inode -> owned by this process; holds only inodes seen in the last snapshot.
+    own: HashMap<u32, bool>,
+    counters: Arc<DiagCounters>,
+    records: Vec<DiagRecord>,
+    candidates: Vec<Listener>,
+}
+
+impl Discovery {
+    /// Opens the netlink socket and reads the ephemeral port range (falling back to the kernel
+    /// default 32768-60999, with a warning, if it cannot be read).
+    pub fn new(options: Options) -> Result<Self, Error> {
+        Self::with_counters(options, Arc::default())
+    }
+
+    pub(crate) fn with_counters(
+        options: Options,
+        counters: Arc<DiagCounters>,
+    ) -> Result<Self, Error> {
+        let sock = DiagSocket::open()?;
+        let ephemeral = match ephemeral_port_range() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "using the default ephemeral port range 32768-60999");
+                DEFAULT_EPHEMERAL
+            }
+        };
+        Ok(Self {
+            options,
+            sock,
+            ephemeral,
+            own: HashMap::new(),
+            counters,
+            records: Vec::new(),
+            candidates: Vec::new(),
+        })
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Replaces the caller-supplied exclusion set; applies from the next snapshot on.
+    pub fn set_excluded_ports(&mut self, ports: BTreeSet<(Protocol, u16)>) {
+        self.options.exclude_ports = ports;
+    }
+
+    /// The ephemeral range used for the UDP exclusion.
+    pub fn ephemeral_range(&self) -> PortRange {
+        self.ephemeral
+    }
+
+    /// The current listeners, filtered by the options.
+    pub fn snapshot(&mut self) -> Result<ListenerSet, Error> {
+        self.records.clear();
+        let families: &[u8] = match (self.options.ipv4, self.options.ipv6) {
+            (true, true) => &[libc::AF_INET as u8, libc::AF_INET6 as u8],
+            (true, false) => &[libc::AF_INET as u8],
+            (false, true) => &[libc::AF_INET6 as u8],
+            (false, false) => &[],
+        };
+        self.candidates.clear();
+        for &family in families {
+            if self.options.tcp {
+                let start = self.records.len();
+                self.sock.dump(
+                    family,
+                    libc::IPPROTO_TCP as u8,
+                    StateFlags::LISTEN,
+                    &self.counters,
+                    &mut self.records,
+                )?;
+                for r in &self.records[start..] {
+                    if let Some(l) = self.to_listener(Protocol::Tcp, r) {
+                        self.candidates.push(l);
+                    }
+                }
+            }
+            if self.options.udp {
+                let start = self.records.len();
+                self.sock.dump(
+                    family,
+                    libc::IPPROTO_UDP as u8,
+                    StateFlags::CLOSE,
+                    &self.counters,
+                    &mut self.records,
+                )?;
+                for r in &self.records[start..] {
+                    if let Some(l) = self.to_listener(Protocol::Udp, r) {
+                        self.candidates.push(l);
+                    }
+                }
+            }
+        }
+
+        if self.options.exclude_own_process {
+            self.classify_own();
+            Ok(self
+                .candidates
+                .iter()
+                .filter(|l| !self.own.get(&l.inode).copied().unwrap_or(false))
+                .copied()
+                .collect())
+        } else {
+            Ok(self.candidates.iter().copied().collect())
+        }
+    }
+
+    /// Fills `own` for every candidate inode, reading /proc/self/fd only if one is new, and
+    /// forgets inodes no longer seen.
+    fn classify_own(&mut self) {
+        let seen: HashSet<u32> = self.candidates.iter().map(|l| l.inode).collect();
+        self.own.retain(|ino, _| seen.contains(ino));
+        if seen.iter().all(|ino| self.own.contains_key(ino)) {
+            return;
+        }
+        match own_socket_inodes() {
+            Ok(mine) => {
+                for ino in seen {
+                    self.own.entry(ino).or_insert_with(|| mine.contains(&ino));
+                }
+            }
+            Err(e) => {
+                // Without /proc/self/fd nothing can be excluded as ours; say so and report all.
+                tracing::warn!(error = %e, "cannot tell this process's sockets apart");
+            }
+        }
+    }
+
+    /// The listener a record describes, or `None` if it is not one or is excluded (other than as
+    /// this process's own, which is decided later, in bulk).
+    fn to_listener(&self, proto: Protocol, r: &DiagRecord) -> Option<Listener> {
+        if r.src_port == 0 {
+            return None;
+        }
+        match proto {
+            Protocol::Tcp if r.state != STATE_LISTEN => return None,
+            Protocol::Udp => {
+                if r.state != STATE_CLOSE || r.dst_port != 0 || !r.dst.is_unspecified() {
+                    return None;
+                }
+                if self.options.exclude_udp_ephemeral && self.ephemeral.contains(r.src_port) {
+                    return None;
+                }
+            }
+            Protocol::Tcp => {}
+        }
+        if self.options.exclude_ports.contains(&(proto, r.src_port)) {
+            return None;
+        }
+        Some(Listener {
+            proto,
+            addr: r.src,
+            port: r.src_port,
+            v6only: match r.src {
+                IpAddr::V4(_) => None,
+                IpAddr::V6(_) => r.v6only,
+            },
+            inode: r.inode,
+            uid: r.uid,
+            ifindex: r.ifindex,
+        })
+    }
+
+    pub(crate) fn malformed(&self) -> u64 {
+        self.counters.malformed.load(Ordering::Relaxed)
+    }
+}
