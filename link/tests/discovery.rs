@@ -391,3 +391,16 @@ fn wildcard_v4_listener() {
     assert_eq!(found.addr, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     assert!(found.accepts_ipv4());
 }
+
+#[test]
+fn many_listeners_span_several_datagrams() {
+    // ~110 bytes a socket, ~32 KiB a datagram: 1,000 listeners take several datagrams.
+    let ls: Vec<TcpListener> = (0..1000)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let set = discovery::snapshot(&own_included()).unwrap();
+    for l in &ls {
+        let got = by_inode(&set, inode_of(l)).expect("listener missing from a multi-part dump");
+        assert_eq!(got.port, l.local_addr().unwrap().port());
+    }
+}

@@ -89,7 +89,8 @@ impl DiagSocket {
     }
 
     /// Dumps the sockets of `protocol` (`IPPROTO_TCP`/`IPPROTO_UDP`) and `family`
-    /// (`AF_INET`/`AF_INET6`) whose state is in `states`, appending them to `out`.
+    /// (`AF_INET`/`AF_INET6`) whose state is in `states`, appending them to `out`. Returns how
+    /// many datagrams carrying sockets the answer took.
     pub(crate) fn dump(
         &mut self,
         family: u8,
@@ -97,7 +98,7 @@ impl DiagSocket {
         states: StateFlags,
         counters: &DiagCounters,
         out: &mut Vec<DiagRecord>,
-    ) -> Result<(), Error> {
+    ) -> Result<usize, Error> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let mut header = NetlinkHeader::default();
@@ -126,6 +127,8 @@ impl DiagSocket {
         self.sock.send(&req, 0).map_err(Error::NetlinkIo)?;
         counters.dumps.fetch_add(1, Ordering::Relaxed);
 
+        // Datagrams that carried sockets (NLMSG_DONE may come alone in the last one).
+        let mut batches = 0;
         loop {
             self.buf.clear();
             let n = self.sock.recv(&mut self.buf, 0).map_err(Error::NetlinkIo)?;
@@ -135,9 +138,14 @@ impl DiagSocket {
                 counters.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(len = n, "sock_diag: truncated netlink datagram");
             }
-            match parse_datagram(&self.buf, seq, counters, out)? {
+            let before = out.len();
+            let batch = parse_datagram(&self.buf, seq, counters, out)?;
+            if out.len() > before {
+                batches += 1;
+            }
+            match batch {
                 Batch::More => continue,
-                Batch::Done => return Ok(()),
+                Batch::Done => return Ok(batches),
             }
         }
     }

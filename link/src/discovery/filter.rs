@@ -190,13 +190,7 @@ impl Discovery {
         for &family in families {
             if self.options.tcp {
                 let start = self.records.len();
-                self.sock.dump(
-                    family,
-                    libc::IPPROTO_TCP as u8,
-                    StateFlags::LISTEN,
-                    &self.counters,
-                    &mut self.records,
-                )?;
+                self.dump(family, libc::IPPROTO_TCP as u8, StateFlags::LISTEN)?;
                 for r in &self.records[start..] {
                     if let Some(l) = self.to_listener(Protocol::Tcp, r) {
                         self.candidates.push(l);
@@ -205,13 +199,7 @@ impl Discovery {
             }
             if self.options.udp {
                 let start = self.records.len();
-                self.sock.dump(
-                    family,
-                    libc::IPPROTO_UDP as u8,
-                    StateFlags::CLOSE,
-                    &self.counters,
-                    &mut self.records,
-                )?;
+                self.dump(family, libc::IPPROTO_UDP as u8, StateFlags::CLOSE)?;
                 for r in &self.records[start..] {
                     if let Some(l) = self.to_listener(Protocol::Udp, r) {
                         self.candidates.push(l);
@@ -231,6 +219,23 @@ impl Discovery {
         } else {
             Ok(self.candidates.iter().copied().collect())
         }
+    }
+
+    /// One dump into `records`. A dump that took several datagrams is done twice and the results
+    /// merged: the kernel resumes a dump by position within a hash bucket, so a socket closed
+    /// between two datagrams can make it skip a live one, which would be reported as a removal
+    /// and an addition 50 ms later. A listener seen by either of two back-to-back dumps is live or
+    /// was a moment ago (then the next poll reports it removed). Small dumps (a few hundred
+    /// listeners fit one datagram) are done once.
+    fn dump(&mut self, family: u8, protocol: u8, states: StateFlags) -> Result<(), Error> {
+        let batches =
+            self.sock
+                .dump(family, protocol, states, &self.counters, &mut self.records)?;
+        if batches > 1 {
+            self.sock
+                .dump(family, protocol, states, &self.counters, &mut self.records)?;
+        }
+        Ok(())
     }
 
     /// Fills `own` for every candidate inode, reading /proc/self/fd only if one is new, and
