@@ -272,16 +272,42 @@ mod tests {
         let c = counters();
         let mut out = Vec::new();
         let mut x: u32 = 0x1234_5678;
-        for len in 0..600usize {
-            let buf: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect();
+        let mut byte = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        };
+        for len in 0..3000usize {
+            let mut buf: Vec<u8> = (0..len % 300).map(|_| byte()).collect();
+            // Every other datagram is well framed (right length, SOCK_DIAG_BY_FAMILY or
+            // NLMSG_DONE/ERROR, our sequence number) so the body parsers see random bytes too.
+            if len % 2 == 0 && buf.len() >= 16 {
+                let n = buf.len() as u32;
+                buf[0..4].copy_from_slice(&n.to_ne_bytes());
+                let ty: u16 = [20, 3, 2][len % 3];
+                buf[4..6].copy_from_slice(&ty.to_ne_bytes());
+                buf[8..12].copy_from_slice(&0u32.to_ne_bytes());
+            }
             let _ = parse_datagram(&buf, 0, &c, &mut out);
         }
+    }
+
+    #[test]
+    fn error_message_is_a_kernel_error_and_stale_seq_is_ignored() {
+        let c = counters();
+        let mut out = Vec::new();
+        let mut m = vec![0u8; 36];
+        m[0..4].copy_from_slice(&36u32.to_ne_bytes());
+        m[4..6].copy_from_slice(&2u16.to_ne_bytes()); // NLMSG_ERROR
+        m[8..12].copy_from_slice(&5u32.to_ne_bytes());
+        m[16..20].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
+        assert!(matches!(
+            parse_datagram(&m, 5, &c, &mut out),
+            Err(Error::Kernel(e)) if e.raw_os_error() == Some(libc::EPERM)
+        ));
+        // The same message under another sequence number belongs to an older dump.
+        assert_eq!(parse_datagram(&m, 6, &c, &mut out).unwrap(), Batch::More);
+        assert_eq!(c.malformed.load(Ordering::Relaxed), 0);
     }
 }

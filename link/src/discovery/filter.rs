@@ -253,8 +253,12 @@ impl Discovery {
                 }
             }
             Err(e) => {
-                // Without /proc/self/fd nothing can be excluded as ours; say so and report all.
+                // Without /proc/self/fd nothing can be excluded as ours: say so once per new
+                // socket (they are remembered as not ours) and report them.
                 tracing::warn!(error = %e, "cannot tell this process's sockets apart");
+                for ino in seen {
+                    self.own.entry(ino).or_insert(false);
+                }
             }
         }
     }
