@@ -1,1 +1,280 @@
-//! (being written)
+//! The hostnet link wire protocol, version 1.
+//!
+//! This is the complete specification: a peer written from it alone interoperates with
+//! `hostnet-forwarder` and `hostnet-agent`. The code in this module is the reference
+//! implementation; the pure decoders ([`decode_header`], [`decode_status`], [`decode_control`],
+//! [`decode_frame_head`], [`decode_datagram`]) are fuzzed in `fuzz/`.
+//!
+//! # Roles and streams
+//!
+//! The **forwarder** (on the host) and the **agent** (in the VM) talk over a *transport*
+//! (vsock, hybrid vsock, unix, tcp or QUIC; see [`crate::transport`]) that gives them
+//! independent, reliable, ordered byte streams. Every stream is opened by one side (the
+//! *opener*) and accepted by the other (the *acceptor*), and carries one thing:
+//!
+//! * one long-lived **control** stream, opened by the forwarder;
+//! * one **TCP relay** stream per relayed TCP connection;
+//! * one **UDP flow** stream per UDP flow (client address and port, target);
+//! * one **dial-back** stream per guest-originated connection to a host service, opened by the
+//!   forwarder at the agent's request (so the user configures one address only).
+//!
+//! # Encoding conventions
+//!
+//! Fixed-size integers in prefaces, length prefixes and frame heads are **big-endian**.
+//! Message bodies are encoded with [postcard](https://postcard.jamesmunns.com/wire-format)
+//! 1.x, which means:
+//!
+//! | type | encoding |
+//! |---|---|
+//! | `u8` | one byte |
+//! | `u16`, `u32`, `u64` | unsigned LEB128 varint (7 bits a byte, low group first, high bit = more) |
+//! | `bool` | one byte, `0` or `1` (anything else is malformed) |
+//! | `Option<T>` | `0`, or `1` then `T` |
+//! | `Vec<T>`, `String`, bytes | varint count, then the elements (a string is UTF-8) |
+//! | struct | its fields in order, no names, no padding |
+//! | enum | varint variant tag (listed with each type below), then the variant's fields |
+//! | `IpAddr` | enum: tag `0` then 4 octets (`V4`), or tag `1` then 16 octets (`V6`) |
+//! | `SocketAddr` | enum: tag `0` then 4 octets (`V4`), or tag `1` then 16 octets (`V6`); then the port as a varint. IPv6 flow info and scope id are not carried |
+//!
+//! # Envelope
+//!
+//! The stream header, the relay status and every control message travel in an **envelope**:
+//! `length: u32 BE ‖ body` where `body` is exactly `length` bytes holding exactly one
+//! postcard-encoded message. A length above the message's limit is an error *before* any byte
+//! of the body is read or allocated; bytes left over inside the body after the message are an
+//! error ([`ProtoError::TrailingBytes`]). A body whose leading enum tag is unknown is
+//! [`ProtoError::UnknownType`]. Readers read exactly the envelope and nothing after it, so the
+//! payload that follows on the same stream is never consumed.
+//!
+//! Limits:
+//!
+//! | item | limit |
+//! |---|---|
+//! | stream header body | [`MAX_HEADER_LEN`] = 16 KiB |
+//! | relay status body | [`MAX_STATUS_LEN`] = 4 KiB (error message ≤ [`MAX_STATUS_MESSAGE`] = 1 KiB) |
+//! | control message body | [`MAX_CONTROL_LEN`] = 4 MiB (≥ 190,000 listeners in one snapshot) |
+//! | data frame payload | [`MAX_FRAME_DATA`] = 64 KiB |
+//! | datagram | [`MAX_DATAGRAM`] = 65,535 bytes |
+//!
+//! # Stream preface and header
+//!
+//! The opener starts every stream with the **preface**, 6 bytes: the magic [`MAGIC`] =
+//! `"HNLK"` (`48 4e 4c 4b`) then the protocol version `u16` BE ([`PROTOCOL_VERSION`] = `1`),
+//! immediately followed by the **header** in an envelope:
+//!
+//! ```text
+//! StreamHeader { kind: StreamKind, mode: StreamMode }
+//! StreamKind  = 0 Control
+//!             | 1 TcpRelay(RelayTarget)
+//!             | 2 UdpFlow(RelayTarget)
+//!             | 3 DialBack(DialBackId)          DialBackId = u64
+//! RelayTarget { target: SocketAddr, client: SocketAddr }
+//! StreamMode  = 0 Raw | 1 Framed
+//! ```
+//!
+//! `target` is the address to connect to *as seen by the acceptor* (e.g. the guest listener
+//! `127.0.0.1:8000`; an unspecified address means that family's loopback); `client` is the
+//! original client on the opener's side. The acceptor reads the header under a timeout
+//! ([`HEADER_TIMEOUT`], 10 s) and closes the stream on any error: wrong magic
+//! ([`ProtoError::BadMagic`]), other version ([`ProtoError::UnsupportedVersion`], naming both;
+//! a version change means an incompatible wire format, there is no negotiation at this level),
+//! oversize length, unknown kind, malformed body, timeout.
+//!
+//! # Relay streams and the status
+//!
+//! On a `TcpRelay` or `UdpFlow` stream the acceptor connects to `target` (TCP) or sets up the
+//! flow (UDP), then answers with a **status** in an envelope, before any payload byte:
+//!
+//! ```text
+//! RelayStatus = 0 Ok | 1 Refused | 2 Forbidden | 3 Unreachable | 4 Timeout
+//!             | 5 Error(Option<String>)
+//! ```
+//!
+//! The opener waits for it under [`STATUS_TIMEOUT`] (10 s). On `Ok` both sides enter the
+//! payload phase. On anything else the acceptor closes the stream, and the opener fails its
+//! client accordingly (a TCP client gets a reset for `Refused`, like a closed port would give
+//! it). The acceptor answers `Forbidden` when policy forbids the target (the agent dials only
+//! VM-loopback ports that are currently listening).
+//!
+//! A `DialBack` stream is the other way round: the agent sent a [`DialBack`] control message
+//! with a fresh id; the forwarder connects to the host service, then opens a stream with header
+//! `DialBack(id)` and immediately writes the status of its own connect (then, on `Ok`, the
+//! payload phase starts; the agent writes no status). The agent matches the id with its pending
+//! request; an unknown id gets the stream closed. A request not answered within
+//! [`STATUS_TIMEOUT`] is dropped by the agent (its client is reset); a late stream for it is
+//! closed.
+//!
+//! # Payload phase: raw or framed
+//!
+//! After the header (and the status, on relay and dial-back streams) the stream carries
+//! payload in the header's [`StreamMode`], in both directions:
+//!
+//! * **Raw**: the bytes themselves. Half-close is the transport's shutdown(write) and a reset
+//!   is the transport's reset (`SO_LINGER` 0 close; QUIC `reset`/`stop_sending`). Used where
+//!   the transport carries half-close: unix, tcp, and AF_VSOCK between two kernels
+//!   (`vsock://`). Raw streams can be spliced.
+//! * **Framed**: a sequence of frames; used where the transport cannot half-close. Hybrid
+//!   vsock (vhost-device-vsock and similar) is one: a host shutdown(write) reaches the guest as
+//!   a full shutdown and a guest shutdown(write) never reaches the host. Frames:
+//!
+//!   ```text
+//!   0x01 ‖ len: u32 BE ‖ len bytes    DATA   1 ≤ len ≤ MAX_FRAME_DATA, else an error
+//!   0x02                              END    the sender writes no more (half-close)
+//!   0x03                              RESET  the sender aborts the stream, both directions
+//!   ```
+//!
+//!   Any other type byte is an error. After END, a sender sends nothing but possibly RESET. A
+//!   receiver treats END as EOF of that direction and keeps sending its own data; RESET as a
+//!   reset of its client connection (stop both directions, close the stream); the transport
+//!   stream ending without END or RESET, or a malformed frame, like a reset. When both ENDs
+//!   have been sent and received, each side closes its transport stream. See [`Framed`].
+//!
+//! QUIC carries FIN and RESET natively, so QUIC streams run raw. The transport tells which mode
+//! a stream needs (`carries_half_close()`); [`StreamMode::for_transport`] maps it. The opener
+//! chooses and writes the mode in the header; the acceptor must use the mode it reads (it may
+//! refuse a raw stream on a transport it knows cannot half-close, with status `Error`).
+//!
+//! On a UDP flow stream the payload is a sequence of **datagrams**, each `len: u16 BE ‖ len
+//! bytes` ([`encode_datagram`]), both ways; an idle flow is closed by either side (the header
+//! and status carry no timer: each side applies its own idle timeout, refreshed by traffic in
+//! either direction).
+//!
+//! # Control stream
+//!
+//! The control stream carries control messages in envelopes, both ways, in the payload phase
+//! (raw or framed like any other stream; it never half-closes, so the mode only matters for its
+//! final close). Messages:
+//!
+//! ```text
+//! ControlMessage = 0 Hello { revision: u16, role: Role, capabilities: Vec<String>,
+//!                            auth: Option<Vec<u8>> }
+//!                | 1 Snapshot { side: Side, seq: u64, listeners: Vec<Listener> }
+//!                | 2 Changes  { side: Side, seq: u64, added: Vec<Listener>,
+//!                               removed: Vec<Listener> }
+//!                | 3 Resync   { side: Side }
+//!                | 4 DialBack { id: u64, proto: Proto, target: SocketAddr, client: SocketAddr }
+//!                | 5 Heartbeat { counter: u64, unix_millis: u64 }
+//!                | 6 Error    { code: ErrorCode, fatal: bool, message: String }
+//! Role      = 0 Forwarder | 1 Agent
+//! Side      = 0 Guest (the agent's listeners) | 1 Host (the forwarder's listeners)
+//! Proto     = 0 Tcp | 1 Udp
+//! Listener  = { proto: Proto, addr: IpAddr, port: u16, v6only: bool }
+//! ErrorCode = 0 Protocol | 1 Version | 2 Auth | 3 Internal
+//! ```
+//!
+//! State machine (each side; "close" means close the control stream, which tears down every
+//! listener mirrored for the peer and every stream that depended on it; the forwarder then
+//! reconnects with back-off and everything resynchronises from snapshots):
+//!
+//! 1. **Hello.** The forwarder opens the stream, writes the preface, the header
+//!    `{Control, mode}` and its `Hello`. The agent reads the header, then writes its own
+//!    `Hello`. Each side must receive the peer's `Hello` as its first message within
+//!    [`HELLO_TIMEOUT`] (10 s), else closes. A side checks `role` (the peer must be the other
+//!    role) and `auth` where the transport authenticates in-band, and answers a failure with
+//!    `Error{Auth or Protocol, fatal}` then closes. The session's revision is the minimum of
+//!    both `revision`s ([`CONTROL_REVISION`] = 1 is the only one so far); a side that cannot
+//!    speak it sends `Error{Version, fatal}` and closes. Optional features are used only if
+//!    both sides list the capability ([`caps`]); unknown capability names are ignored.
+//! 2. **Snapshots.** Right after `Hello` the agent sends `Snapshot{Guest}` of its listeners;
+//!    if both sides have [`caps::REVERSE`], the forwarder sends `Snapshot{Host}` of its own.
+//!    A receiver replaces its view of that side with the snapshot ([`ListenerSet::replace`]),
+//!    and opens or closes its mirrors for the difference.
+//! 3. **Running.** The owner of a listener set sends `Changes` whenever it changes: `seq` is
+//!    exactly one more than the previous `Snapshot`/`Changes` of that side
+//!    ([`ListenerSet::update`]). A receiver applies changes in order ([`ListenerSet::apply`]);
+//!    a `seq` that is not the next one (or `Changes` before any `Snapshot`) is a **gap**: the
+//!    receiver ignores that message and sends `Resync{side}`, and the owner answers with a
+//!    fresh `Snapshot` (whose `seq` continues its counter). A `Snapshot` may also be sent at
+//!    any time unprompted. Adding a listener already present, or removing one absent, is a
+//!    no-op. Listeners are compared on all four fields.
+//! 4. **Dial-back** (both sides have [`caps::DIAL_BACK`]): the agent sends `DialBack` with an
+//!    id unique among its pending requests; the forwarder answers with a `DialBack` stream
+//!    (above), never on the control stream.
+//! 5. **Heartbeats.** Each side sends `Heartbeat` every [`HEARTBEAT_INTERVAL`] (5 s), with
+//!    `counter` incremented each time; a side that receives no message at all for
+//!    [`HEARTBEAT_TIMEOUT`] (15 s) closes.
+//! 6. **Errors.** `Error{fatal: false}` is logged; `Error{fatal: true}` is followed by close.
+//!    Receiving a second `Hello`, a message with an unknown tag ([`ProtoError::UnknownType`]),
+//!    or a malformed message is a protocol error: the receiver sends `Error{Protocol, fatal}`
+//!    and closes.
+//!
+//! **Forward compatibility.** The preface version changes only for an incompatible change of
+//! the stream format. New control messages, new fields and new stream kinds come with a new
+//! control revision or a capability, and a peer sends them only when the `Hello` exchange says
+//! the other side knows them; so an unknown tag is always a protocol error, never silently
+//! skipped. New fields are added as new messages or new enum variants, never appended to
+//! existing structs (postcard bodies are not self-describing).
+//!
+//! # Module map
+//!
+//! * [`header`]: preface and [`StreamHeader`]; [`read_header`] / [`write_header`].
+//! * [`status`]: [`RelayStatus`]; [`read_status`] / [`write_status`].
+//! * [`control`]: [`ControlMessage`] and its parts; [`read_control`] / [`write_control`];
+//!   [`ListenerSet`] and [`diff`], the pure listener-set state.
+//! * [`framed`]: [`Framed`], the framed-mode adaptor, and [`decode_frame_head`].
+//! * [`datagram`]: the datagram codec of UDP flow streams.
+
+use std::time::Duration;
+
+pub mod control;
+pub mod datagram;
+mod envelope;
+mod error;
+pub mod framed;
+pub mod header;
+pub mod status;
+
+pub use control::{
+    Changes, ControlError, ControlMessage, Delta, DialBack, ErrorCode, Gap, Heartbeat, Hello,
+    Listener, ListenerSet, Proto, Resync, Role, Side, Snapshot, decode_control, diff,
+    encode_control, read_control, write_control,
+};
+pub use datagram::{decode_datagram, encode_datagram, read_datagram, write_datagram};
+pub use error::ProtoError;
+pub use framed::{FrameHead, Framed, decode_frame_head};
+pub use header::{
+    DialBackId, RelayTarget, StreamHeader, StreamKind, StreamMode, decode_header, encode_header,
+    read_header, write_header,
+};
+pub use status::{RelayStatus, decode_status, encode_status, read_status, write_status};
+
+/// The first four bytes of every link stream.
+pub const MAGIC: [u8; 4] = *b"HNLK";
+/// The version in the preface; a peer with another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The control revision this side speaks (sent in [`Hello::revision`]).
+pub const CONTROL_REVISION: u16 = 1;
+
+/// Limit on a stream header's body.
+pub const MAX_HEADER_LEN: u32 = 16 * 1024;
+/// Limit on a relay status's body.
+pub const MAX_STATUS_LEN: u32 = 4 * 1024;
+/// Limit on the message of [`RelayStatus::Error`] (the encoder cuts longer ones).
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+/// Limit on a control message's body.
+pub const MAX_CONTROL_LEN: u32 = 4 * 1024 * 1024;
+/// Limit on a data frame's payload in framed mode.
+pub const MAX_FRAME_DATA: u32 = 64 * 1024;
+/// Limit on a datagram of a UDP flow stream.
+pub const MAX_DATAGRAM: usize = 65_535;
+
+/// How long an acceptor waits for the whole preface and header.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an opener waits for the relay status (and the agent for a dial-back stream).
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long each side waits for the peer's `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often each side sends a heartbeat on the control stream.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// Silence on the control stream after which a side closes it.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Capability names for [`Hello::capabilities`].
+pub mod caps {
+    /// UDP flow streams.
+    pub const UDP: &str = "udp";
+    /// The forwarder's listeners are mirrored into the VM (`Snapshot{Host}`).
+    pub const REVERSE: &str = "reverse";
+    /// The agent may send `DialBack` requests.
+    pub const DIAL_BACK: &str = "dial-back";
+}

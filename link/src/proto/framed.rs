@@ -1,0 +1,440 @@
+//! Framed mode: data / end-of-stream / reset frames over a byte stream that cannot half-close.
+//!
+//! [`decode_frame_head`] is the pure decoder; [`Framed`] is the adaptor that gives a stream
+//! with half-close and reset on top of any `AsyncRead + AsyncWrite`.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{MAX_FRAME_DATA, ProtoError};
+
+/// Frame type byte of a data frame: `0x01 ‖ len: u32 BE ‖ len bytes`, `1 ≤ len ≤ MAX_FRAME_DATA`.
+pub const FRAME_DATA: u8 = 0x01;
+/// Frame type byte of the end-of-stream frame (no body): the sender will write no more.
+pub const FRAME_END: u8 = 0x02;
+/// Frame type byte of the reset frame (no body): the sender aborts both directions.
+pub const FRAME_RESET: u8 = 0x03;
+/// Bytes in a data frame's head (type and length).
+pub const DATA_HEAD_LEN: usize = 5;
+
+const WHAT: &str = "frame";
+
+/// The head of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameHead {
+    /// A data frame; this many payload bytes follow the head.
+    Data(usize),
+    /// End of stream in the sender's direction.
+    End,
+    /// The sender aborted the stream.
+    Reset,
+}
+
+impl FrameHead {
+    /// Appends the encoded head to `out` (a data frame's payload is appended by the caller).
+    pub fn encode(self, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+        match self {
+            FrameHead::Data(len) => {
+                let len32 = u32::try_from(len)
+                    .ok()
+                    .filter(|l| (1..=MAX_FRAME_DATA).contains(l))
+                    .ok_or(ProtoError::Invalid {
+                        what: WHAT,
+                        reason: "data frame length must be 1..=MAX_FRAME_DATA",
+                    })?;
+                out.push(FRAME_DATA);
+                out.extend_from_slice(&len32.to_be_bytes());
+            }
+            FrameHead::End => out.push(FRAME_END),
+            FrameHead::Reset => out.push(FRAME_RESET),
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a frame head from the front of `buf`: `Ok(None)` if more bytes are needed, else the
+/// head and its length in bytes.
+pub fn decode_frame_head(buf: &[u8]) -> Result<Option<(FrameHead, usize)>, ProtoError> {
+    let Some(&ty) = buf.first() else {
+        return Ok(None);
+    };
+    match ty {
+        FRAME_DATA => {
+            let Some([_, a, b, c, d]) = buf.first_chunk::<DATA_HEAD_LEN>() else {
+                return Ok(None);
+            };
+            let len = u32::from_be_bytes([*a, *b, *c, *d]);
+            if len == 0 {
+                return Err(ProtoError::Invalid {
+                    what: WHAT,
+                    reason: "empty data frame",
+                });
+            }
+            if len > MAX_FRAME_DATA {
+                return Err(ProtoError::TooLarge {
+                    what: "data frame",
+                    len: u64::from(len),
+                    max: u64::from(MAX_FRAME_DATA),
+                });
+            }
+            let len = usize::try_from(len).map_err(|_| ProtoError::Invalid {
+                what: WHAT,
+                reason: "length does not fit in memory",
+            })?;
+            Ok(Some((FrameHead::Data(len), DATA_HEAD_LEN)))
+        }
+        FRAME_END => Ok(Some((FrameHead::End, 1))),
+        FRAME_RESET => Ok(Some((FrameHead::Reset, 1))),
+        other => Err(ProtoError::UnknownType {
+            what: WHAT,
+            tag: u64::from(other),
+        }),
+    }
+}
+
+/// Size of the read buffer: one full data frame and its head.
+const RBUF_LEN: usize = MAX_FRAME_DATA as usize + DATA_HEAD_LEN;
+/// Read payload straight into the caller's buffer when at least this much is wanted.
+const DIRECT_READ_MIN: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadState {
+    Open,
+    /// The peer's END frame arrived: reads return EOF.
+    Ended,
+    /// The peer's RESET frame arrived: reads and writes fail with `ConnectionReset`.
+    PeerReset,
+    /// This side sent a RESET.
+    LocalReset,
+    /// The stream broke the protocol or ended without END; reads fail.
+    Failed(io::ErrorKind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteState {
+    Open,
+    /// END is in the write buffer.
+    Ending,
+    /// END was written and flushed.
+    Ended,
+    /// RESET is in the write buffer.
+    Resetting,
+    /// RESET was written and flushed.
+    Reset,
+}
+
+/// A byte stream in framed mode, over any transport stream `S`.
+///
+/// * Writes become data frames (at most [`MAX_FRAME_DATA`] bytes each). Like a `BufWriter`,
+///   a write may be accepted before it reaches `S`: call `flush` (or `shutdown`) to push it.
+/// * `shutdown` sends an END frame and flushes, but leaves `S` open so that the other direction
+///   keeps flowing. Later writes fail with `BrokenPipe`.
+/// * [`Framed::reset`] sends a RESET frame: the peer's reads and writes then fail with
+///   `ConnectionReset`; this side's reads fail with `ConnectionAborted`.
+/// * Reading the peer's END yields EOF (`Ok(0)`), while writing stays possible. `S` ending
+///   without an END frame, or a malformed frame, is an error (`UnexpectedEof`, `InvalidData`):
+///   treat it like a reset.
+#[derive(Debug)]
+pub struct Framed<S> {
+    inner: S,
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rlen: usize,
+    /// Payload bytes of the current data frame not yet read from `S` or `rbuf`.
+    data_left: usize,
+    rstate: ReadState,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    wstate: WriteState,
+}
+
+impl<S> Framed<S> {
+    /// Wraps a transport stream whose header (and status) have been exchanged.
+    pub fn new(inner: S) -> Self {
+        Framed {
+            inner,
+            rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
+            rpos: 0,
+            rlen: 0,
+            data_left: 0,
+            rstate: ReadState::Open,
+            wbuf: Vec::with_capacity(RBUF_LEN),
+            wpos: 0,
+            wstate: WriteState::Open,
+        }
+    }
+
+    /// The transport stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The transport stream (writing to it directly breaks the framing).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Whether the peer has sent END (reads return EOF).
+    pub fn peer_ended(&self) -> bool {
+        self.rstate == ReadState::Ended
+    }
+
+    /// Whether the peer has sent RESET.
+    pub fn peer_reset(&self) -> bool {
+        self.rstate == ReadState::PeerReset
+    }
+
+    /// The transport stream, dropping buffered bytes.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+fn reset_error() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, "peer reset the link stream")
+}
+
+fn invalid(e: ProtoError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl<S: AsyncRead + Unpin> Framed<S> {
+    /// Reads from `S` into the free end of `rbuf`; `Ok(0)` at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rpos == self.rlen {
+            self.rpos = 0;
+            self.rlen = 0;
+        } else if self.rpos > 0 {
+            self.rbuf.copy_within(self.rpos..self.rlen, 0);
+            self.rlen -= self.rpos;
+            self.rpos = 0;
+        }
+        let Some(free) = self.rbuf.get_mut(self.rlen..) else {
+            return Poll::Ready(Err(io::Error::other("framed read buffer overrun")));
+        };
+        let mut rb = ReadBuf::new(free);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        self.rlen += n;
+        Poll::Ready(Ok(n))
+    }
+
+    fn fail(&mut self, kind: io::ErrorKind, e: io::Error) -> Poll<io::Result<()>> {
+        self.rstate = ReadState::Failed(kind);
+        Poll::Ready(Err(e))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match this.rstate {
+                ReadState::Open => {}
+                ReadState::Ended => return Poll::Ready(Ok(())),
+                ReadState::PeerReset => return Poll::Ready(Err(reset_error())),
+                ReadState::LocalReset => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "link stream reset by this side",
+                    )));
+                }
+                ReadState::Failed(kind) => {
+                    return Poll::Ready(Err(io::Error::new(kind, "link stream failed earlier")));
+                }
+            }
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if this.data_left > 0 {
+                let buffered = this.rbuf.get(this.rpos..this.rlen).unwrap_or_default();
+                if !buffered.is_empty() {
+                    let n = buffered.len().min(this.data_left).min(buf.remaining());
+                    buf.put_slice(buffered.get(..n).unwrap_or_default());
+                    this.rpos += n;
+                    this.data_left -= n;
+                    return Poll::Ready(Ok(()));
+                }
+                let want = this.data_left.min(buf.remaining());
+                let n = if want >= DIRECT_READ_MIN {
+                    // Large read: straight into the caller's buffer, no copy.
+                    let mut direct = ReadBuf::new(buf.initialize_unfilled_to(want));
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, &mut direct))?;
+                    let n = direct.filled().len();
+                    buf.advance(n);
+                    this.data_left -= n;
+                    if n > 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                    n
+                } else {
+                    ready!(this.poll_fill(cx))?
+                };
+                if n == 0 {
+                    return this.fail(
+                        io::ErrorKind::UnexpectedEof,
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "link stream ended inside a data frame",
+                        ),
+                    );
+                }
+                continue;
+            }
+            let pending = this.rbuf.get(this.rpos..this.rlen).unwrap_or_default();
+            match decode_frame_head(pending) {
+                Ok(Some((head, used))) => {
+                    this.rpos += used;
+                    match head {
+                        FrameHead::Data(len) => this.data_left = len,
+                        FrameHead::End => this.rstate = ReadState::Ended,
+                        FrameHead::Reset => this.rstate = ReadState::PeerReset,
+                    }
+                }
+                Ok(None) => {
+                    let partial = !pending.is_empty();
+                    if ready!(this.poll_fill(cx))? == 0 {
+                        let what = if partial {
+                            "link stream ended inside a frame head"
+                        } else {
+                            "link stream ended without an end-of-stream frame"
+                        };
+                        return this.fail(
+                            io::ErrorKind::UnexpectedEof,
+                            io::Error::new(io::ErrorKind::UnexpectedEof, what),
+                        );
+                    }
+                }
+                Err(e) => return this.fail(io::ErrorKind::InvalidData, invalid(e)),
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Framed<S> {
+    /// Writes out the whole write buffer.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            let pending = self.wbuf.get(self.wpos..).unwrap_or_default();
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Queues an END or RESET frame (after whatever is buffered) and pushes it out.
+    fn poll_control_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        head: FrameHead,
+        queued: WriteState,
+        done: WriteState,
+    ) -> Poll<io::Result<()>> {
+        if self.wstate != queued {
+            ready!(self.poll_drain(cx))?;
+            head.encode(&mut self.wbuf).map_err(invalid)?;
+            self.wstate = queued;
+        }
+        ready!(self.poll_drain(cx))?;
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        self.wstate = done;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends a RESET frame: the peer's reads and writes fail with `ConnectionReset`. Allowed
+    /// after `shutdown`. Data already accepted by `write` is sent first (a frame cannot be cut).
+    pub fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.wstate == WriteState::Reset {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(self.poll_control_frame(
+            cx,
+            FrameHead::Reset,
+            WriteState::Resetting,
+            WriteState::Reset
+        ))?;
+        if !matches!(self.rstate, ReadState::PeerReset | ReadState::Failed(_)) {
+            self.rstate = ReadState::LocalReset;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends a RESET frame; see [`Framed::poll_reset`].
+    pub async fn reset(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_reset(cx)).await
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match this.wstate {
+            WriteState::Open => {}
+            WriteState::Ending | WriteState::Ended => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "write after shutdown of the link stream",
+                )));
+            }
+            WriteState::Resetting | WriteState::Reset => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "write after reset of the link stream",
+                )));
+            }
+        }
+        if this.rstate == ReadState::PeerReset {
+            return Poll::Ready(Err(reset_error()));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(this.poll_drain(cx))?;
+        let n = buf.len().min(MAX_FRAME_DATA as usize);
+        let chunk = buf.get(..n).unwrap_or_default();
+        FrameHead::Data(n).encode(&mut this.wbuf).map_err(invalid)?;
+        this.wbuf.extend_from_slice(chunk);
+        // Push it out now if the transport takes it; if not, it stays queued for the next
+        // write or flush (the waker is registered either way).
+        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match this.wstate {
+            WriteState::Open | WriteState::Ending => {
+                this.poll_control_frame(cx, FrameHead::End, WriteState::Ending, WriteState::Ended)
+            }
+            WriteState::Ended => Poll::Ready(Ok(())),
+            WriteState::Resetting | WriteState::Reset => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "shutdown after reset of the link stream",
+            ))),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The stream preface and header.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::envelope::{self, Kind};
+use super::{MAGIC, MAX_HEADER_LEN, PROTOCOL_VERSION, ProtoError};
+
+/// Bytes in the preface: the magic, then the version as `u16` big-endian.
+pub const PREFACE_LEN: usize = 6;
+
+const WHAT: &str = "stream header";
+const KIND: Kind = Kind {
+    what: WHAT,
+    max: MAX_HEADER_LEN,
+    tags: StreamKind::TAGS,
+};
+
+/// The header that follows the preface on every link stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamHeader {
+    /// What the stream carries (encoded first, so that an unknown kind is reported as such).
+    pub kind: StreamKind,
+    /// Whether the payload phase is raw bytes or [framed](super::Framed).
+    pub mode: StreamMode,
+}
+
+/// What a link stream carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamKind {
+    /// Tag 0: the control stream (no status; both sides send [`Hello`](super::Hello) first).
+    Control,
+    /// Tag 1: one relayed TCP connection.
+    TcpRelay(RelayTarget),
+    /// Tag 2: one UDP flow, carried as [length-prefixed datagrams](super::datagram).
+    UdpFlow(RelayTarget),
+    /// Tag 3: the answer to a [`DialBack`](super::DialBack) request; the opener writes a
+    /// [`RelayStatus`](super::RelayStatus) right after the header.
+    DialBack(DialBackId),
+}
+
+impl StreamKind {
+    /// How many kinds this version knows: a header tag at or above it is
+    /// [`ProtoError::UnknownType`].
+    pub const TAGS: u32 = 4;
+}
+
+/// Where a relayed connection or flow goes, and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayTarget {
+    /// The address to connect to, as seen by the side that accepts the stream (e.g. the guest
+    /// listener `127.0.0.1:8000` or `[::1]:8000`). Its family is the family to use; an
+    /// unspecified address (`0.0.0.0`, `::`) means that family's loopback.
+    pub target: SocketAddr,
+    /// The original client's address on the opening side (for logs and policy).
+    pub client: SocketAddr,
+}
+
+/// The id of a [`DialBack`](super::DialBack) request, echoed in the stream that answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DialBackId(pub u64);
+
+/// Whether a stream's payload phase is raw or framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StreamMode {
+    /// Tag 0: the payload is the bytes themselves; the transport carries half-close and reset.
+    Raw,
+    /// Tag 1: the payload is data / end / reset [frames](super::framed).
+    Framed,
+}
+
+impl StreamMode {
+    /// The mode to use on a transport stream that does (`true`) or does not carry half-close.
+    pub fn for_transport(carries_half_close: bool) -> Self {
+        if carries_half_close {
+            StreamMode::Raw
+        } else {
+            StreamMode::Framed
+        }
+    }
+}
+
+/// The preface: magic and protocol version.
+pub fn preface() -> [u8; PREFACE_LEN] {
+    let v = PROTOCOL_VERSION.to_be_bytes();
+    [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], v[0], v[1]]
+}
+
+/// Checks a preface, naming both versions if they differ.
+pub fn check_preface(preface: &[u8; PREFACE_LEN]) -> Result<(), ProtoError> {
+    let [m0, m1, m2, m3, v0, v1] = *preface;
+    let got = [m0, m1, m2, m3];
+    if got != MAGIC {
+        return Err(ProtoError::BadMagic {
+            got,
+            expected: MAGIC,
+        });
+    }
+    let theirs = u16::from_be_bytes([v0, v1]);
+    if theirs != PROTOCOL_VERSION {
+        return Err(ProtoError::UnsupportedVersion {
+            theirs,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Appends preface and header to `out`.
+pub fn encode_header(header: &StreamHeader, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    out.extend_from_slice(&preface());
+    envelope::encode(KIND, header, out)
+}
+
+/// Decodes preface and header from the front of `buf`: `Ok(None)` if more bytes are needed,
+/// else the header and how many bytes it took (the bytes after it are payload).
+pub fn decode_header(buf: &[u8]) -> Result<Option<(StreamHeader, usize)>, ProtoError> {
+    let Some(preface) = buf.first_chunk::<PREFACE_LEN>() else {
+        // Reject a wrong magic as soon as four bytes are there.
+        if let Some(magic) = buf.first_chunk::<4>()
+            && *magic != MAGIC
+        {
+            return Err(ProtoError::BadMagic {
+                got: *magic,
+                expected: MAGIC,
+            });
+        }
+        return Ok(None);
+    };
+    check_preface(preface)?;
+    let rest = buf.get(PREFACE_LEN..).unwrap_or_default();
+    Ok(envelope::decode(KIND, rest)?.map(|(h, used)| (h, PREFACE_LEN + used)))
+}
+
+/// Writes preface and header in one write, then flushes.
+pub async fn write_header<W>(w: &mut W, header: &StreamHeader) -> Result<(), ProtoError>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut out = Vec::with_capacity(64);
+    encode_header(header, &mut out)?;
+    envelope::write_all(w, &out, WHAT).await
+}
+
+/// Reads preface and header, exactly: not one byte of the payload that follows is consumed.
+///
+/// Fails with [`ProtoError::Timeout`] if the whole header has not arrived within `timeout`, and
+/// with [`ProtoError::Closed`] if the peer closes the stream without sending a byte.
+pub async fn read_header<R>(r: &mut R, timeout: Duration) -> Result<StreamHeader, ProtoError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let read = async {
+        let mut preface = [0u8; PREFACE_LEN];
+        if !envelope::read_exact_or_eof(r, &mut preface, WHAT).await? {
+            return Err(ProtoError::Closed { what: WHAT });
+        }
+        check_preface(&preface)?;
+        envelope::read(KIND, r)
+            .await?
+            .ok_or(ProtoError::Truncated { what: WHAT })
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| ProtoError::Timeout {
+            what: WHAT,
+            after: timeout,
+        })?
+}

@@ -1,0 +1,255 @@
+//! Raw and framed payload modes over real unix socket pairs: half-close, reset, bulk data.
+
+use std::io;
+use std::time::Duration;
+
+use hostnet_link::proto::{
+    self, Framed, RelayStatus, RelayTarget, StreamHeader, StreamKind, StreamMode,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Deterministic pseudo-random bytes (xorshift), so each side can check what it received.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// FNV-1a, to compare large payloads by checksum.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// A relay stream set up the way the protocol says: header, status, then the payload phase in
+/// `mode` on both ends. Returns (opener, acceptor).
+async fn relay_pair(mode: StreamMode) -> (Box<dyn Io>, Box<dyn Io>) {
+    let (mut opener, mut acceptor) = UnixStream::pair().unwrap();
+    let header = StreamHeader {
+        kind: StreamKind::TcpRelay(RelayTarget {
+            target: "127.0.0.1:8000".parse().unwrap(),
+            client: "127.0.0.1:40000".parse().unwrap(),
+        }),
+        mode,
+    };
+    proto::write_header(&mut opener, &header).await.unwrap();
+    let got = proto::read_header(&mut acceptor, proto::HEADER_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(got, header);
+    proto::write_status(&mut acceptor, &RelayStatus::Ok)
+        .await
+        .unwrap();
+    let status = proto::read_status(&mut opener, proto::STATUS_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(status.is_ok());
+    match got.mode {
+        StreamMode::Raw => (Box::new(opener), Box::new(acceptor)),
+        StreamMode::Framed => (
+            Box::new(Framed::new(opener)),
+            Box::new(Framed::new(acceptor)),
+        ),
+    }
+}
+
+/// Client writes a request and half-closes; the server reads it all, then EOF, then replies
+/// and half-closes; the client reads the whole reply, then EOF.
+async fn half_close(mode: StreamMode) {
+    let (mut client, mut server) = relay_pair(mode).await;
+    let request = pattern(1, 300_000);
+    let reply = pattern(2, 500_000);
+
+    let expect_request = request.clone();
+    let reply_to_send = reply.clone();
+    let server_task = tokio::spawn(async move {
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(checksum(&got), checksum(&expect_request));
+        assert_eq!(got.len(), expect_request.len());
+        // EOF again on a second read.
+        assert_eq!(server.read(&mut [0u8; 16]).await.unwrap(), 0);
+        // The other direction still flows after the peer's half-close.
+        server.write_all(&reply_to_send).await.unwrap();
+        server.shutdown().await.unwrap();
+        server
+    });
+
+    client.write_all(&request).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut got))
+        .await
+        .expect("reply in time")
+        .unwrap();
+    assert_eq!(got.len(), reply.len());
+    assert_eq!(checksum(&got), checksum(&reply));
+    let _server = server_task.await.unwrap();
+}
+
+#[tokio::test]
+async fn half_close_raw() {
+    half_close(StreamMode::Raw).await;
+}
+
+#[tokio::test]
+async fn half_close_framed() {
+    half_close(StreamMode::Framed).await;
+}
+
+/// The same exchange the other way round: the acceptor half-closes first.
+async fn half_close_reversed(mode: StreamMode) {
+    let (mut opener, mut acceptor) = relay_pair(mode).await;
+    acceptor.write_all(b"banner\n").await.unwrap();
+    acceptor.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    opener.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"banner\n");
+    opener.write_all(b"bye\n").await.unwrap();
+    opener.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    acceptor.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"bye\n");
+}
+
+#[tokio::test]
+async fn half_close_reversed_raw() {
+    half_close_reversed(StreamMode::Raw).await;
+}
+
+#[tokio::test]
+async fn half_close_reversed_framed() {
+    half_close_reversed(StreamMode::Framed).await;
+}
+
+#[tokio::test]
+async fn reset_frame_is_connection_reset_on_the_peer() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let (mut a, mut b) = (Framed::new(a), Framed::new(b));
+    a.write_all(b"partial").await.unwrap();
+    a.reset().await.unwrap();
+    let mut buf = [0u8; 64];
+    // Data sent before the reset is delivered, then the reset.
+    let n = b.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"partial");
+    let e = b.read(&mut buf).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    assert!(b.peer_reset());
+    let e = b.write_all(b"x").await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    // The resetting side's own reads and writes stop too.
+    assert_eq!(
+        a.read(&mut buf).await.unwrap_err().kind(),
+        io::ErrorKind::ConnectionAborted
+    );
+    assert!(a.write_all(b"y").await.is_err());
+}
+
+#[tokio::test]
+async fn reset_after_half_close() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let (mut a, mut b) = (Framed::new(a), Framed::new(b));
+    a.write_all(b"req").await.unwrap();
+    a.shutdown().await.unwrap();
+    assert!(
+        a.write_all(b"more")
+            .await
+            .is_err_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    );
+    let mut got = Vec::new();
+    b.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"req");
+    assert!(b.peer_ended());
+    b.reset().await.unwrap();
+    let e = a.read(&mut [0u8; 8]).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+}
+
+#[tokio::test]
+async fn framed_bulk_both_ways_at_once() {
+    const LEN: usize = 8 * 1024 * 1024;
+    let (a, b) = UnixStream::pair().unwrap();
+    let (a, b) = (Framed::new(a), Framed::new(b));
+
+    async fn side(s: Framed<UnixStream>, send_seed: u64, recv_seed: u64) {
+        let (mut r, mut w) = tokio::io::split(s);
+        let out = pattern(send_seed, LEN);
+        let writer = async move {
+            // Uneven write sizes cross frame boundaries.
+            for chunk in out.chunks(100_003) {
+                w.write_all(chunk).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        };
+        let reader = async move {
+            let mut got = Vec::with_capacity(LEN);
+            r.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), got) = tokio::join!(writer, reader);
+        assert_eq!(got.len(), LEN);
+        assert_eq!(checksum(&got), checksum(&pattern(recv_seed, LEN)));
+    }
+
+    let t1 = tokio::spawn(side(a, 11, 22));
+    let t2 = tokio::spawn(side(b, 22, 11));
+    tokio::time::timeout(Duration::from_secs(60), async {
+        t1.await.unwrap();
+        t2.await.unwrap();
+    })
+    .await
+    .expect("bulk transfer in time");
+}
+
+#[tokio::test]
+async fn framed_through_a_tiny_pipe() {
+    // A 7-byte duplex forces partial frame heads and payloads on both sides.
+    let (a, b) = tokio::io::duplex(7);
+    let (mut a, mut b) = (Framed::new(a), Framed::new(b));
+    let data = pattern(5, 200_000);
+    let expect = data.clone();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, expect);
+    });
+    a.write_all(&data).await.unwrap();
+    a.shutdown().await.unwrap();
+    reader.await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_frames_are_errors() {
+    for (bytes, kind) in [
+        (&[0x09u8][..], io::ErrorKind::InvalidData), // unknown type
+        (&[0x01, 0, 0, 0, 0][..], io::ErrorKind::InvalidData), // empty data frame
+        (
+            &[0x01, 0xff, 0xff, 0xff, 0xff][..],
+            io::ErrorKind::InvalidData,
+        ), // oversize
+        (&[0x01, 0, 0, 0, 9, 1, 2][..], io::ErrorKind::UnexpectedEof), // truncated payload
+        (&[0x01, 0, 0][..], io::ErrorKind::UnexpectedEof), // truncated head
+        (&[][..], io::ErrorKind::UnexpectedEof),     // closed without END
+    ] {
+        let (mut w, r) = UnixStream::pair().unwrap();
+        w.write_all(bytes).await.unwrap();
+        drop(w);
+        let mut r = Framed::new(r);
+        let mut got = Vec::new();
+        let e = r.read_to_end(&mut got).await.unwrap_err();
+        assert_eq!(e.kind(), kind, "{bytes:?}: {e}");
+        // The error sticks.
+        assert!(r.read(&mut [0u8; 4]).await.is_err());
+    }
+}
