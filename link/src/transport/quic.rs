@@ -1,0 +1,263 @@
+//! `quic://`: one QUIC connection carries every stream; each [`Connector::open`] is an
+//! `open_bi()` on it, re-established when it is lost.
+//!
+//! Note: QUIC announces a stream to the peer only when its first frame is sent, so the
+//! listener's `accept()` sees a stream after the opener writes its first byte. The link protocol
+//! always starts with the opener's preface, so this does not show, but an opener that waits for
+//! the listener to speak first would wait forever.
+//!
+//! [`Connector::open`]: super::Connector::open
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+
+use super::endpoint::{Endpoint, HostPort};
+use super::error::TransportError;
+use super::tls::{self, TlsIdentity};
+use super::{Stats, Stream, Timeouts, resolve};
+
+/// Concurrent bidirectional streams each side allows its peer to open.
+const MAX_STREAMS: u32 = 4096;
+/// Keep-alive interval (also keeps NAT bindings open).
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A connection with no packet for this long is lost.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn transport_config() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s fits a QUIC idle timeout"),
+        ));
+    Arc::new(t)
+}
+
+fn tls_err(endpoint: &Endpoint) -> impl FnOnce(rustls::Error) -> TransportError + '_ {
+    move |source| TransportError::Tls {
+        endpoint: endpoint.clone(),
+        source,
+    }
+}
+
+fn no_initial_suite(endpoint: &Endpoint) -> TransportError {
+    TransportError::Tls {
+        endpoint: endpoint.clone(),
+        source: rustls::Error::General("the crypto provider lacks TLS13_AES_128_GCM_SHA256".into()),
+    }
+}
+
+/// The host side: one shared connection, opened on first use and re-opened once lost.
+pub(crate) struct QuicConnector {
+    endpoint: Endpoint,
+    target: HostPort,
+    client_config: quinn::ClientConfig,
+    conn: Mutex<Option<quinn::Connection>>,
+}
+
+impl std::fmt::Debug for QuicConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicConnector")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuicConnector {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        target: HostPort,
+        id: &TlsIdentity,
+    ) -> Result<Self, TransportError> {
+        let rustls_config = tls::client_config(id).map_err(tls_err(&endpoint))?;
+        let crypto =
+            QuicClientConfig::try_from(rustls_config).map_err(|_| no_initial_suite(&endpoint))?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
+        client_config.transport_config(transport_config());
+        Ok(Self {
+            endpoint,
+            target,
+            client_config,
+            conn: Mutex::new(None),
+        })
+    }
+
+    async fn establish(&self) -> Result<quinn::Connection, TransportError> {
+        let addr = resolve(&self.endpoint, &self.target).await?;
+        let bind: SocketAddr = if addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let ep = quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind {
+            endpoint: self.endpoint.clone(),
+            source,
+        })?;
+        let connecting = ep
+            .connect_with(self.client_config.clone(), addr, tls::SERVER_NAME)
+            .map_err(|source| TransportError::QuicConnect {
+                endpoint: self.endpoint.clone(),
+                source,
+            })?;
+        let conn = connecting
+            .await
+            .map_err(|source| TransportError::QuicConnection {
+                endpoint: self.endpoint.clone(),
+                source,
+            })?;
+        tracing::info!(endpoint = %self.endpoint, peer = %addr, "QUIC connection established");
+        Ok(conn)
+    }
+
+    /// The shared connection: the current one if it is alive, else a new one.
+    pub(crate) async fn connection(
+        &self,
+        timeouts: &Timeouts,
+    ) -> Result<quinn::Connection, TransportError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+            tracing::info!(endpoint = %self.endpoint, reason = ?conn.close_reason(), "QUIC connection lost; reconnecting");
+        }
+        *guard = None;
+        let conn = tokio::time::timeout(timeouts.connect, self.establish())
+            .await
+            .map_err(|_| TransportError::ConnectTimeout {
+                endpoint: self.endpoint.clone(),
+                timeout: timeouts.connect,
+            })??;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    pub(crate) async fn open(&self, timeouts: &Timeouts) -> Result<Stream, TransportError> {
+        let mut retried = false;
+        loop {
+            let conn = self.connection(timeouts).await?;
+            match tokio::time::timeout(timeouts.handshake, conn.open_bi()).await {
+                Ok(Ok((send, recv))) => return Ok(Stream::quic(send, recv, &conn)),
+                // The connection died since we last looked: one fresh attempt.
+                Ok(Err(e)) if !retried => {
+                    tracing::debug!(endpoint = %self.endpoint, error = %e, "open_bi failed; reconnecting");
+                    retried = true;
+                }
+                Ok(Err(source)) => {
+                    return Err(TransportError::QuicConnection {
+                        endpoint: self.endpoint.clone(),
+                        source,
+                    });
+                }
+                Err(_) => {
+                    return Err(TransportError::HandshakeTimeout {
+                        endpoint: self.endpoint.clone(),
+                        stage: "QUIC open_bi (the peer's stream limit is reached)".into(),
+                        timeout: timeouts.handshake,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Closes the shared connection (its streams fail); the next `open()` makes a new one.
+    pub(crate) async fn close(&self) {
+        if let Some(conn) = self.conn.lock().await.take() {
+            conn.close(VarInt::from_u32(0), b"closed by the connector");
+        }
+    }
+
+    pub(crate) async fn current(&self) -> Option<quinn::Connection> {
+        self.conn.lock().await.clone()
+    }
+}
+
+/// Builds the listening QUIC endpoint.
+pub(crate) fn bind(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    id: &TlsIdentity,
+) -> Result<quinn::Endpoint, TransportError> {
+    let rustls_config = tls::server_config(id).map_err(tls_err(endpoint))?;
+    let crypto =
+        QuicServerConfig::try_from(rustls_config).map_err(|_| no_initial_suite(endpoint))?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server_config.transport_config(transport_config());
+    quinn::Endpoint::server(server_config, addr).map_err(|source| TransportError::Bind {
+        endpoint: endpoint.clone(),
+        source,
+    })
+}
+
+/// Accepts connections (handshakes run concurrently, each under the handshake timeout) and
+/// forwards every bidirectional stream of every authenticated connection to `tx`.
+pub(crate) async fn accept_loop(
+    server: quinn::Endpoint,
+    endpoint: Endpoint,
+    tx: mpsc::Sender<Stream>,
+    stats: Arc<Stats>,
+    timeouts: Timeouts,
+) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = server.accept() => {
+                let Some(incoming) = incoming else { break };
+                tasks.spawn(serve_connection(
+                    incoming,
+                    endpoint.clone(),
+                    tx.clone(),
+                    stats.clone(),
+                    timeouts,
+                ));
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    endpoint: Endpoint,
+    tx: mpsc::Sender<Stream>,
+    stats: Arc<Stats>,
+    timeouts: Timeouts,
+) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(timeouts.handshake, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(endpoint = %endpoint, peer = %remote, error = %e, "QUIC handshake failed");
+            return;
+        }
+        Err(_) => {
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(endpoint = %endpoint, peer = %remote, timeout = ?timeouts.handshake, "QUIC handshake timed out");
+            return;
+        }
+    };
+    tracing::info!(endpoint = %endpoint, peer = %remote, "QUIC connection accepted");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                if tx.send(Stream::quic(send, recv, &conn)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::info!(endpoint = %endpoint, peer = %remote, reason = %e, "QUIC connection closed");
+                return;
+            }
+        }
+    }
+}
