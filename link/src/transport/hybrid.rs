@@ -36,7 +36,12 @@ where
     let mut line = Vec::with_capacity(MAX_REPLY);
     loop {
         let mut byte = [0u8; 1];
-        let n = io.read(&mut byte).await.map_err(HybridFailure::Io)?;
+        let n = match io.read(&mut byte).await {
+            Ok(n) => n,
+            // A backend that closes with our request unread resets instead of closing.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && line.is_empty() => 0,
+            Err(e) => return Err(HybridFailure::Io(e)),
+        };
         if n == 0 {
             return Err(if line.is_empty() {
                 HybridFailure::ClosedWithoutReply

@@ -428,6 +428,12 @@ impl Connector {
         auth: Auth,
         timeouts: Timeouts,
     ) -> Result<Self, TransportError> {
+        if let Err(e) = tokio::runtime::Handle::try_current() {
+            return Err(TransportError::Connect {
+                endpoint,
+                source: io::Error::other(e),
+            });
+        }
         let kind = match &endpoint {
             Endpoint::Unix(path) => ConnectorKind::Unix(path.clone()),
             Endpoint::Tcp(hp) => {
@@ -715,6 +721,12 @@ impl Listener {
         auth: Auth,
         timeouts: Timeouts,
     ) -> Result<Self, TransportError> {
+        if let Err(e) = tokio::runtime::Handle::try_current() {
+            return Err(TransportError::Bind {
+                endpoint,
+                source: io::Error::other(e),
+            });
+        }
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let stats = Arc::new(Stats::default());
         let bind_err = |source| TransportError::Bind {
@@ -961,5 +973,42 @@ async fn vsock_accept_loop(
             }
             Err(e) => accept_failed(&endpoint, e).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_can_cross_tasks() {
+        send_sync::<Connector>();
+        send_sync::<Listener>();
+        send_sync::<Stream>();
+        send_sync::<TransportError>();
+    }
+
+    #[test]
+    fn outside_a_runtime_is_an_error_not_a_panic() {
+        let ep: Endpoint = "unix:///nonexistent/dir/x.sock".parse().unwrap();
+        assert!(Listener::bind(ep.clone(), Auth::none()).is_err());
+        assert!(Connector::connect(ep, Auth::none()).is_err());
+    }
+
+    #[test]
+    fn peers_display_for_logs() {
+        let p = Peer::Unix {
+            path: "/run/a.sock".into(),
+            pid: Some(7),
+            uid: Some(0),
+        };
+        assert_eq!(p.to_string(), "unix:/run/a.sock pid=7 uid=0");
+        assert_eq!(Peer::Vsock { cid: 2, port: 9 }.to_string(), "vsock:2:9");
+        assert_eq!(
+            Peer::Tcp("127.0.0.1:5".parse().unwrap()).to_string(),
+            "tcp:127.0.0.1:5"
+        );
     }
 }
