@@ -35,7 +35,11 @@
 //! 100 ms target) and sends [`Event`]s: first a full [`Event::Snapshot`], then one
 //! [`Event::Changed`] per poll that found a change. An event source (the
 //! `sock:inet_sock_set_state` tracepoint or eBPF) is not implemented: polling a state-filtered dump
-//! already meets the latency target at negligible CPU (see `examples/discovery_bench.rs`).
+//! already meets the latency target at negligible CPU. Measured by `examples/discovery_bench.rs`
+//! (2 shared cores, 1,000 established loopback connections present): appearance p99 49 ms and
+//! disappearance p99 50 ms over 200 cycles; 0.17 CPU s per minute idle, against 0.91 for a
+//! /proc/net/tcp{,6} poller at 1 s (p99 ~1 s) and 0.32 at 3 s (p99 ~3 s). One snapshot (four
+//! dumps) takes ~70 us; reading /proc/net/tcp{,6} with those connections takes ~14 ms.
 //!
 //! Nothing here knows about network namespaces: the dump and `/proc/sys/net` describe the
 //! namespace of the calling thread.
