@@ -565,3 +565,117 @@ fn status_helpers() {
     );
     assert!(RelayStatus::Ok.to_io_error().is_none());
 }
+
+// ---------- golden bytes: the encodings the module docs describe ----------
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn golden_bytes_match_the_documented_encoding() {
+    let v4: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+    let v6: SocketAddr = "[::1]:51000".parse().unwrap();
+    let cases_header = [
+        (
+            "484e4c4b0001000000020000",
+            StreamHeader {
+                kind: StreamKind::Control,
+                mode: StreamMode::Raw,
+            },
+        ),
+        (
+            "484e4c4b00010000001d01007f000001c03e0100000000000000000000000000000001b88e0301",
+            StreamHeader {
+                kind: StreamKind::TcpRelay(RelayTarget {
+                    target: v4,
+                    client: v6,
+                }),
+                mode: StreamMode::Framed,
+            },
+        ),
+        (
+            "484e4c4b000100000003030700",
+            StreamHeader {
+                kind: StreamKind::DialBack(DialBackId(7)),
+                mode: StreamMode::Raw,
+            },
+        ),
+    ];
+    for (hex, h) in cases_header {
+        let mut out = Vec::new();
+        proto::encode_header(&h, &mut out).unwrap();
+        assert_eq!(out, unhex(hex), "{h:?}");
+    }
+    for (hex, s) in [
+        ("0000000100", RelayStatus::Ok),
+        ("0000000104", RelayStatus::Timeout),
+        ("000000050501026e6f", RelayStatus::Error(Some("no".into()))),
+    ] {
+        let mut out = Vec::new();
+        proto::encode_status(&s, &mut out).unwrap();
+        assert_eq!(out, unhex(hex), "{s:?}");
+    }
+    let listener = |proto, addr: &str, port, v6only| Listener {
+        proto,
+        addr: addr.parse().unwrap(),
+        port,
+        v6only,
+    };
+    for (hex, m) in [
+        (
+            "000000090001010103756470 00",
+            ControlMessage::Hello(Hello {
+                revision: 1,
+                role: Role::Agent,
+                capabilities: vec!["udp".into()],
+                auth: None,
+            }),
+        ),
+        (
+            "00000003050100",
+            ControlMessage::Heartbeat(Heartbeat {
+                counter: 1,
+                unix_millis: 0,
+            }),
+        ),
+        (
+            "0000000c010001010000000000005000",
+            ControlMessage::Snapshot(Snapshot {
+                side: Side::Guest,
+                seq: 1,
+                listeners: vec![listener(Proto::Tcp, "0.0.0.0", 80, false)],
+            }),
+        ),
+        (
+            "0000001a02010201010100000000000000000000000000000001903f0100",
+            ControlMessage::Changes(Changes {
+                side: Side::Host,
+                seq: 2,
+                added: vec![listener(Proto::Udp, "::1", 8080, true)],
+                removed: vec![],
+            }),
+        ),
+        (
+            "000000020301",
+            ControlMessage::Resync(Resync { side: Side::Host }),
+        ),
+    ] {
+        let mut out = Vec::new();
+        proto::encode_control(&m, &mut out).unwrap();
+        assert_eq!(out, unhex(&hex.replace(' ', "")), "{m:?}");
+    }
+    let mut out = Vec::new();
+    proto::encode_datagram(b"abc", &mut out).unwrap();
+    proto::encode_datagram(b"", &mut out).unwrap();
+    assert_eq!(out, unhex("00036162630000"));
+    let mut out = Vec::new();
+    proto::FrameHead::Data(3).encode(&mut out).unwrap();
+    out.extend_from_slice(b"abc");
+    proto::FrameHead::End.encode(&mut out).unwrap();
+    proto::FrameHead::Reset.encode(&mut out).unwrap();
+    assert_eq!(out, unhex("01000000036162630203"));
+}
