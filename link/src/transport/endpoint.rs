@@ -367,6 +367,49 @@ mod tests {
         bad("quic://h", "missing :PORT");
     }
 
+    fn arb_endpoint() -> impl proptest::strategy::Strategy<Value = Endpoint> {
+        use proptest::prelude::*;
+        let path = "(/[a-zA-Z0-9._-]{1,12}){1,4}".prop_map(PathBuf::from);
+        let host = prop_oneof![
+            "[a-z][a-z0-9-]{0,10}(\\.[a-z]{2,5}){0,2}",
+            any::<std::net::Ipv4Addr>().prop_map(|a| a.to_string()),
+            any::<std::net::Ipv6Addr>().prop_map(|a| a.to_string()),
+        ];
+        let hp = (host, any::<u16>()).prop_map(|(host, port)| HostPort { host, port });
+        let cid = prop_oneof![Just(VsockCid::Any), any::<u32>().prop_map(VsockCid::Id)];
+        prop_oneof![
+            (cid, any::<u32>())
+                .prop_map(|(cid, port)| Endpoint::Vsock(VsockEndpoint { cid, port })),
+            (path.clone(), any::<u32>())
+                .prop_map(|(path, port)| Endpoint::HybridVsock { path, port }),
+            path.prop_map(Endpoint::Unix),
+            hp.clone().prop_map(Endpoint::Tcp),
+            hp.prop_map(Endpoint::Quic),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn display_parses_back(e in arb_endpoint()) {
+            let shown = e.to_string();
+            let back: Endpoint = shown.parse().unwrap();
+            proptest::prop_assert_eq!(back, e);
+        }
+
+        #[test]
+        fn arbitrary_strings_never_panic(s in "\\PC{0,64}") {
+            let _ = s.parse::<Endpoint>();
+        }
+
+        #[test]
+        fn arbitrary_uris_never_panic(
+            scheme in "(vsock|hybrid-vsock|unix|tcp|quic)",
+            rest in "[\\[\\]:/?=#@a-z0-9.+-]{0,40}",
+        ) {
+            let _ = format!("{scheme}://{rest}").parse::<Endpoint>();
+        }
+    }
+
     #[test]
     fn authority_brackets_ipv6() {
         let hp = HostPort {
