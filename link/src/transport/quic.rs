@@ -1,6 +1,13 @@
 //! `quic://`: one QUIC connection carries every stream; each [`Connector::open`] is an
 //! `open_bi()` on it, re-established when it is lost.
 //!
+//! **Welcome.** In TLS 1.3 the client finishes its handshake before the server has checked the
+//! client's certificate, so a listener that refuses the host's certificate would only show up
+//! as a failure of the first stream. So the listener, once it has accepted a connection, opens
+//! one unidirectional stream, writes [`WELCOME`] and finishes it; the connector waits for that
+//! (under the handshake timeout) before it uses the connection. A refused certificate thus
+//! fails `open()` with the listener's reason ("... is not the pinned ...").
+//!
 //! Note: QUIC announces a stream to the peer only when its first frame is sent, so the
 //! listener's `accept()` sees a stream after the opener writes its first byte. The link protocol
 //! always starts with the opener's preface, so this does not show, but an opener that waits for
@@ -23,6 +30,9 @@ use super::error::TransportError;
 use super::tls::{self, TlsIdentity};
 use super::{Stats, Stream, Timeouts, resolve};
 
+/// What the listener writes on its welcome stream.
+pub(crate) const WELCOME: &[u8] = b"hostnet/1 welcome";
+
 /// Concurrent bidirectional streams each side allows its peer to open.
 const MAX_STREAMS: u32 = 4096;
 /// Keep-alive interval (also keeps NAT bindings open).
@@ -30,10 +40,12 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A connection with no packet for this long is lost.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn transport_config() -> Arc<TransportConfig> {
+/// `uni_streams`: how many unidirectional streams the peer may open (the client allows the
+/// listener's one welcome stream; the listener allows none).
+fn transport_config(uni_streams: u32) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(uni_streams))
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(
             IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s fits a QUIC idle timeout"),
@@ -81,7 +93,7 @@ impl QuicConnector {
         let crypto =
             QuicClientConfig::try_from(rustls_config).map_err(|_| no_initial_suite(&endpoint))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
-        client_config.transport_config(transport_config());
+        client_config.transport_config(transport_config(1));
         Ok(Self {
             endpoint,
             target,
@@ -113,8 +125,40 @@ impl QuicConnector {
                 endpoint: self.endpoint.clone(),
                 source,
             })?;
+        self.await_welcome(&conn).await?;
         tracing::info!(endpoint = %self.endpoint, peer = %addr, "QUIC connection established");
         Ok(conn)
+    }
+
+    /// Waits for the listener's welcome stream (see the module docs).
+    async fn await_welcome(&self, conn: &quinn::Connection) -> Result<(), TransportError> {
+        let lost = |source| TransportError::QuicConnection {
+            endpoint: self.endpoint.clone(),
+            source,
+        };
+        let mut recv = conn.accept_uni().await.map_err(lost)?;
+        let got = match recv.read_to_end(WELCOME.len()).await {
+            Ok(got) => got,
+            Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                return Err(lost(e));
+            }
+            Err(e) => {
+                return Err(TransportError::Handshake {
+                    endpoint: self.endpoint.clone(),
+                    stage: "QUIC welcome".into(),
+                    source: std::io::Error::other(e),
+                });
+            }
+        };
+        if got != WELCOME {
+            return Err(TransportError::BadReply {
+                endpoint: self.endpoint.clone(),
+                stage: "QUIC welcome".into(),
+                reply: got.escape_ascii().to_string(),
+                expected: "\"hostnet/1 welcome\"",
+            });
+        }
+        Ok(())
     }
 
     /// The shared connection: the current one if it is alive, else a new one.
@@ -190,7 +234,7 @@ pub(crate) fn bind(
     let crypto =
         QuicServerConfig::try_from(rustls_config).map_err(|_| no_initial_suite(endpoint))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server_config.transport_config(transport_config());
+    server_config.transport_config(transport_config(0));
     quinn::Endpoint::server(server_config, addr).map_err(|source| TransportError::Bind {
         endpoint: endpoint.clone(),
         source,
@@ -246,6 +290,24 @@ async fn serve_connection(
         }
     };
     tracing::info!(endpoint = %endpoint, peer = %remote, "QUIC connection accepted");
+    // The client grants one unidirectional stream, so this does not wait for the network.
+    let welcome = async {
+        let mut send = conn.open_uni().await?;
+        send.write_all(WELCOME).await?;
+        send.finish()?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    };
+    match tokio::time::timeout(timeouts.handshake, welcome).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(endpoint = %endpoint, peer = %remote, error = %e, "QUIC welcome failed; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(endpoint = %endpoint, peer = %remote, "QUIC welcome timed out (peer grants no stream?); closing");
+            return;
+        }
+    }
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
