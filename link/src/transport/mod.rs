@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), hostnet_link::transport::TransportError> {
-//! use hostnet_link::transport::{Auth, Connector, Endpoint, Listener};
+//! use hostnet_link::transport::{Auth, Connector, Listener};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
 //! // VM side
@@ -15,9 +15,11 @@
 //! // host side
 //! let connector = Connector::connect("unix:///run/hostnet/agent.sock".parse()?, Auth::none())?;
 //! let mut out = connector.open().await?;
-//! let mut inc = listener.accept().await?;
-//! out.write_all(b"hello").await.ok();
+//! out.write_all(b"hello").await.ok(); // the opener speaks first (QUIC needs it)
 //! out.shutdown().await.ok(); // half-close: the peer reads EOF, and can still reply
+//! let mut inc = listener.accept().await?;
+//! let mut got = Vec::new();
+//! inc.read_to_end(&mut got).await.ok();
 //! # Ok(()) }
 //! ```
 //!
@@ -26,7 +28,7 @@
 //! | `vsock://CID:PORT`, `vsock://any:PORT` | yes | yes | listener accepts CID 2 only (configurable) | yes | no (EOF) |
 //! | `hybrid-vsock:///path?port=P` | yes | no | the hypervisor socket's permissions | **no** | no |
 //! | `unix:///path` | yes | yes | socket file mode 0600 | yes | no (EOF) |
-//! | `tcp://HOST:PORT` | yes | yes | shared token, challenge–response ([`auth`](self::Auth)) | yes | yes (RST) |
+//! | `tcp://HOST:PORT` | yes | yes | shared token, challenge–response ([`Auth::token_file`]) | yes | yes (RST) |
 //! | `quic://HOST:PORT` | yes | yes | mutual TLS, pinned certificates ([`TlsIdentity`]) | yes (FIN) | yes (RESET/STOP) |
 //!
 //! * **Half-close** is [`AsyncWrite::poll_shutdown`] (`shutdown().await`): `shutdown(SHUT_WR)` on

@@ -13,7 +13,8 @@
 //! **Stale files.** An existing socket file that refuses connections (nobody listens: the
 //! previous agent died) is removed and bound again. One that accepts connections (or whose
 //! backlog is full) belongs to a live listener: [`TransportError::AddrInUse`]. A path that is not
-//! a socket is never removed. The check and the re-bind are not atomic: two listeners started at
+//! a socket is never removed. The probe is a real connection: a live listener sees it as a
+//! client that closes at once without a byte (an empty stream, like any stray client). The check and the re-bind are not atomic: two listeners started at
 //! the same instant on the same path may both think the file is stale; the loser's `bind` then
 //! fails with `EADDRINUSE`, which is reported.
 //!
