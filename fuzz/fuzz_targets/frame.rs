@@ -38,9 +38,15 @@ fuzz_target!(|data: &[u8]| {
     let mut framed = Framed::new(data);
     let mut cx = Context::from_waker(Waker::noop());
     let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
+    // Alternate small reads (through the read buffer) and large ones (straight into the
+    // caller's buffer).
+    let mut small = [0u8; 4096];
+    let mut large = vec![0u8; 16 * 1024];
+    let mut turn = 0u32;
     let end = loop {
-        let mut buf = ReadBuf::new(&mut chunk);
+        turn += 1;
+        let chunk: &mut [u8] = if turn % 2 == 0 { &mut large } else { &mut small };
+        let mut buf = ReadBuf::new(chunk);
         match Pin::new(&mut framed).poll_read(&mut cx, &mut buf) {
             Poll::Ready(Ok(())) if buf.filled().is_empty() => break Some(true),
             Poll::Ready(Ok(())) => got.extend_from_slice(buf.filled()),

@@ -3,7 +3,7 @@
 //! [`decode_frame_head`] is the pure decoder; [`Framed`] is the adaptor that gives a stream
 //! with half-close and reset on top of any `AsyncRead + AsyncWrite`.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -95,8 +95,8 @@ pub fn decode_frame_head(buf: &[u8]) -> Result<Option<(FrameHead, usize)>, Proto
     }
 }
 
-/// Size of the read buffer: one full data frame and its head.
-const RBUF_LEN: usize = MAX_FRAME_DATA as usize + DATA_HEAD_LEN;
+/// Size of the read buffer (payload is streamed through it, frames need not fit).
+const RBUF_LEN: usize = 64 * 1024;
 /// Read payload straight into the caller's buffer when at least this much is wanted.
 const DIRECT_READ_MIN: usize = 8 * 1024;
 
@@ -161,7 +161,7 @@ impl<S> Framed<S> {
             rlen: 0,
             data_left: 0,
             rstate: ReadState::Open,
-            wbuf: Vec::with_capacity(RBUF_LEN),
+            wbuf: Vec::new(),
             wpos: 0,
             wstate: WriteState::Open,
         }
@@ -202,8 +202,9 @@ fn invalid(e: ProtoError) -> io::Error {
 }
 
 impl<S: AsyncRead + Unpin> Framed<S> {
-    /// Reads from `S` into the free end of `rbuf`; `Ok(0)` at EOF.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Reads from `S` into the free end of `rbuf`, until `rbuf` holds at most `limit` bytes;
+    /// `Ok(0)` at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<usize>> {
         if self.rpos == self.rlen {
             self.rpos = 0;
             self.rlen = 0;
@@ -212,7 +213,8 @@ impl<S: AsyncRead + Unpin> Framed<S> {
             self.rlen -= self.rpos;
             self.rpos = 0;
         }
-        let Some(free) = self.rbuf.get_mut(self.rlen..) else {
+        let end = limit.max(self.rlen + 1).min(self.rbuf.len());
+        let Some(free) = self.rbuf.get_mut(self.rlen..end).filter(|f| !f.is_empty()) else {
             return Poll::Ready(Err(io::Error::other("framed read buffer overrun")));
         };
         let mut rb = ReadBuf::new(free);
@@ -275,7 +277,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
                     }
                     n
                 } else {
-                    ready!(this.poll_fill(cx))?
+                    ready!(this.poll_fill(cx, RBUF_LEN))?
                 };
                 if n == 0 {
                     return this.fail(
@@ -300,7 +302,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
                 }
                 Ok(None) => {
                     let partial = !pending.is_empty();
-                    if ready!(this.poll_fill(cx))? == 0 {
+                    // If the caller's buffer is large, read just the head so that the payload
+                    // can go straight into it; else read ahead as much as fits.
+                    let limit = if buf.remaining() >= DIRECT_READ_MIN {
+                        DATA_HEAD_LEN
+                    } else {
+                        RBUF_LEN
+                    };
+                    if ready!(this.poll_fill(cx, limit))? == 0 {
                         let what = if partial {
                             "link stream ended inside a frame head"
                         } else {
@@ -408,8 +417,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
         ready!(this.poll_drain(cx))?;
         let n = buf.len().min(MAX_FRAME_DATA as usize);
         let chunk = buf.get(..n).unwrap_or_default();
-        FrameHead::Data(n).encode(&mut this.wbuf).map_err(invalid)?;
-        this.wbuf.extend_from_slice(chunk);
+        let mut head = Vec::with_capacity(DATA_HEAD_LEN);
+        FrameHead::Data(n).encode(&mut head).map_err(invalid)?;
+        if this.inner.is_write_vectored() {
+            // Head and payload in one syscall, without copying the payload; only what the
+            // transport did not take is queued.
+            let slices = [IoSlice::new(&head), IoSlice::new(chunk)];
+            let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, &slices))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if written >= head.len() + n {
+                return Poll::Ready(Ok(n));
+            }
+            this.wbuf
+                .extend_from_slice(head.get(written..).unwrap_or_default());
+            this.wbuf.extend_from_slice(
+                chunk
+                    .get(written.saturating_sub(head.len())..)
+                    .unwrap_or_default(),
+            );
+        } else {
+            this.wbuf.extend_from_slice(&head);
+            this.wbuf.extend_from_slice(chunk);
+        }
         // Push it out now if the transport takes it; if not, it stays queued for the next
         // write or flush (the waker is registered either way).
         if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
@@ -436,5 +467,38 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
                 "shutdown after reset of the link stream",
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_heads_round_trip_and_limits_hold() {
+        let max = MAX_FRAME_DATA as usize;
+        for head in [
+            FrameHead::Data(1),
+            FrameHead::Data(max),
+            FrameHead::End,
+            FrameHead::Reset,
+        ] {
+            let mut out = Vec::new();
+            head.encode(&mut out).unwrap();
+            assert_eq!(decode_frame_head(&out).unwrap(), Some((head, out.len())));
+            assert_eq!(decode_frame_head(&out[..out.len() - 1]).unwrap(), None);
+        }
+        assert!(FrameHead::Data(0).encode(&mut Vec::new()).is_err());
+        assert!(FrameHead::Data(max + 1).encode(&mut Vec::new()).is_err());
+        let mut over = vec![FRAME_DATA];
+        over.extend_from_slice(&(MAX_FRAME_DATA + 1).to_be_bytes());
+        assert!(matches!(
+            decode_frame_head(&over),
+            Err(ProtoError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode_frame_head(&[0]),
+            Err(ProtoError::UnknownType { tag: 0, .. })
+        ));
     }
 }

@@ -53,7 +53,7 @@
 //! | stream header body | [`MAX_HEADER_LEN`] = 16 KiB |
 //! | relay status body | [`MAX_STATUS_LEN`] = 4 KiB (error message ≤ [`MAX_STATUS_MESSAGE`] = 1 KiB) |
 //! | control message body | [`MAX_CONTROL_LEN`] = 4 MiB (≥ 190,000 listeners in one snapshot) |
-//! | data frame payload | [`MAX_FRAME_DATA`] = 64 KiB |
+//! | data frame payload | [`MAX_FRAME_DATA`] = 256 KiB (a receiver streams the payload; it need not buffer a whole frame) |
 //! | datagram | [`MAX_DATAGRAM`] = 65,535 bytes |
 //!
 //! # Stream preface and header
@@ -254,7 +254,7 @@ pub const MAX_STATUS_MESSAGE: usize = 1024;
 /// Limit on a control message's body.
 pub const MAX_CONTROL_LEN: u32 = 4 * 1024 * 1024;
 /// Limit on a data frame's payload in framed mode.
-pub const MAX_FRAME_DATA: u32 = 64 * 1024;
+pub const MAX_FRAME_DATA: u32 = 256 * 1024;
 /// Limit on a datagram of a UDP flow stream.
 pub const MAX_DATAGRAM: usize = 65_535;
 
