@@ -4,13 +4,10 @@ use std::io;
 use std::time::Duration;
 
 use hostnet_link::proto::{
-    self, Framed, RelayStatus, RelayTarget, StreamHeader, StreamKind, StreamMode,
+    self, Framed, PayloadStream, RelayStatus, RelayTarget, StreamHeader, StreamKind, StreamMode,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Deterministic pseudo-random bytes (xorshift), so each side can check what it received.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -34,7 +31,7 @@ fn checksum(bytes: &[u8]) -> u64 {
 
 /// A relay stream set up the way the protocol says: header, status, then the payload phase in
 /// `mode` on both ends. Returns (opener, acceptor).
-async fn relay_pair(mode: StreamMode) -> (Box<dyn Io>, Box<dyn Io>) {
+async fn relay_pair(mode: StreamMode) -> (PayloadStream<UnixStream>, PayloadStream<UnixStream>) {
     let (mut opener, mut acceptor) = UnixStream::pair().unwrap();
     let header = StreamHeader {
         kind: StreamKind::TcpRelay(RelayTarget {
@@ -55,13 +52,12 @@ async fn relay_pair(mode: StreamMode) -> (Box<dyn Io>, Box<dyn Io>) {
         .await
         .unwrap();
     assert!(status.is_ok());
-    match got.mode {
-        StreamMode::Raw => (Box::new(opener), Box::new(acceptor)),
-        StreamMode::Framed => (
-            Box::new(Framed::new(opener)),
-            Box::new(Framed::new(acceptor)),
-        ),
-    }
+    let (opener, acceptor) = (
+        PayloadStream::new(opener, mode),
+        PayloadStream::new(acceptor, got.mode),
+    );
+    assert_eq!(acceptor.mode(), mode);
+    (opener, acceptor)
 }
 
 /// Client writes a request and half-closes; the server reads it all, then EOF, then replies
@@ -252,4 +248,14 @@ async fn malformed_frames_are_errors() {
         // The error sticks.
         assert!(r.read(&mut [0u8; 4]).await.is_err());
     }
+}
+
+#[tokio::test]
+async fn payload_stream_reset_is_framed_only() {
+    let (mut raw, _peer) = relay_pair(StreamMode::Raw).await;
+    assert!(!raw.reset_framed().await.unwrap());
+    let (mut framed, mut peer) = relay_pair(StreamMode::Framed).await;
+    assert!(framed.reset_framed().await.unwrap());
+    let e = peer.read(&mut [0u8; 8]).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
 }

@@ -1,6 +1,6 @@
 //! The datagram codec of UDP flow streams: each datagram is `len: u16 BE ‖ len bytes`.
 //!
-//! A `u16` holds every size up to [`MAX_DATAGRAM`](super::MAX_DATAGRAM) (65,535), so every
+//! A `u16` holds every size up to [`MAX_DATAGRAM`] (65,535), so every
 //! length prefix is valid and an empty datagram (length 0) is a datagram like any other.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};

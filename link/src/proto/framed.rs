@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{MAX_FRAME_DATA, ProtoError};
+use super::{MAX_FRAME_DATA, ProtoError, StreamMode};
 
 /// Frame type byte of a data frame: `0x01 ‖ len: u32 BE ‖ len bytes`, `1 ≤ len ≤ MAX_FRAME_DATA`.
 pub const FRAME_DATA: u8 = 0x01;
@@ -466,6 +466,120 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
                 io::ErrorKind::ConnectionAborted,
                 "shutdown after reset of the link stream",
             ))),
+        }
+    }
+}
+
+/// A link stream in its payload phase, raw or framed as its header said; relays can be written
+/// once against this type.
+#[derive(Debug)]
+pub enum PayloadStream<S> {
+    /// Raw mode: the transport stream itself.
+    Raw(S),
+    /// Framed mode.
+    Framed(Framed<S>),
+}
+
+impl<S> PayloadStream<S> {
+    /// Wraps `inner` for `mode`.
+    pub fn new(inner: S, mode: StreamMode) -> Self {
+        match mode {
+            StreamMode::Raw => PayloadStream::Raw(inner),
+            StreamMode::Framed => PayloadStream::Framed(Framed::new(inner)),
+        }
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> StreamMode {
+        match self {
+            PayloadStream::Raw(_) => StreamMode::Raw,
+            PayloadStream::Framed(_) => StreamMode::Framed,
+        }
+    }
+
+    /// The transport stream.
+    pub fn get_ref(&self) -> &S {
+        match self {
+            PayloadStream::Raw(s) => s,
+            PayloadStream::Framed(f) => f.get_ref(),
+        }
+    }
+
+    /// The transport stream (writing to it directly breaks framed mode).
+    pub fn get_mut(&mut self) -> &mut S {
+        match self {
+            PayloadStream::Raw(s) => s,
+            PayloadStream::Framed(f) => f.get_mut(),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> PayloadStream<S> {
+    /// In framed mode, sends a RESET frame and returns `Ok(true)`. In raw mode does nothing
+    /// and returns `Ok(false)`: the caller resets the transport stream its own way
+    /// (`SO_LINGER` 0 then close; QUIC `reset`).
+    pub async fn reset_framed(&mut self) -> io::Result<bool> {
+        match self {
+            PayloadStream::Raw(_) => Ok(false),
+            PayloadStream::Framed(f) => f.reset().await.map(|()| true),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PayloadStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PayloadStream::Raw(s) => Pin::new(s).poll_read(cx, buf),
+            PayloadStream::Framed(f) => Pin::new(f).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PayloadStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            PayloadStream::Raw(s) => Pin::new(s).poll_write(cx, buf),
+            PayloadStream::Framed(f) => Pin::new(f).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            PayloadStream::Raw(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            PayloadStream::Framed(f) => Pin::new(f).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            PayloadStream::Raw(s) => s.is_write_vectored(),
+            PayloadStream::Framed(f) => f.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PayloadStream::Raw(s) => Pin::new(s).poll_flush(cx),
+            PayloadStream::Framed(f) => Pin::new(f).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PayloadStream::Raw(s) => Pin::new(s).poll_shutdown(cx),
+            PayloadStream::Framed(f) => Pin::new(f).poll_shutdown(cx),
         }
     }
 }

@@ -18,6 +18,10 @@
 //! * one **dial-back** stream per guest-originated connection to a host service, opened by the
 //!   forwarder at the agent's request (so the user configures one address only).
 //!
+//! In version 1 the forwarder opens every stream and the agent accepts them (the agent gets
+//! streams towards the host through dial-back). The rules below are written for "opener" and
+//! "acceptor" so that they hold if a later version lets the agent open streams too.
+//!
 //! # Encoding conventions
 //!
 //! Fixed-size integers in prefaces, length prefixes and frame heads are **big-endian**.
@@ -90,8 +94,9 @@
 //!             | 5 Error(Option<String>)
 //! ```
 //!
-//! The opener waits for it under [`STATUS_TIMEOUT`] (10 s). On `Ok` both sides enter the
-//! payload phase. On anything else the acceptor closes the stream, and the opener fails its
+//! The acceptor bounds its connect by [`CONNECT_TIMEOUT`] (5 s) and answers `Timeout` when it
+//! expires; the opener waits for the status under [`STATUS_TIMEOUT`] (10 s). On `Ok` both sides
+//! enter the payload phase. On anything else the acceptor closes the stream, and the opener fails its
 //! client accordingly (a TCP client gets a reset for `Refused`, like a closed port would give
 //! it). The acceptor answers `Forbidden` when policy forbids the target (the agent dials only
 //! VM-loopback ports that are currently listening).
@@ -103,6 +108,19 @@
 //! request; an unknown id gets the stream closed. A request not answered within
 //! [`STATUS_TIMEOUT`] is dropped by the agent (its client is reset); a late stream for it is
 //! closed.
+//!
+//! Relay stream state machine (`TcpRelay`, `UdpFlow`):
+//!
+//! ```text
+//! opener:   write preface+header ─► await status (STATUS_TIMEOUT) ─┬─ Ok ──► payload
+//!                                                                   └─ else ► close, fail client
+//! acceptor: read preface+header (HEADER_TIMEOUT) ─► connect target (CONNECT_TIMEOUT)
+//!           ─► write status ─┬─ Ok ──► payload
+//!                            └─ else ► close
+//! payload:  each direction OPEN ─(half-close)─► ENDED; both ENDED ─► close the stream;
+//!           a reset in either direction ─► both sides reset their client and close
+//! any error before the payload (bad preface, timeout, malformed) ─► close the stream
+//! ```
 //!
 //! # Payload phase: raw or framed
 //!
@@ -211,7 +229,8 @@
 //! * [`status`]: [`RelayStatus`]; [`read_status`] / [`write_status`].
 //! * [`control`]: [`ControlMessage`] and its parts; [`read_control`] / [`write_control`];
 //!   [`ListenerSet`] and [`diff`], the pure listener-set state.
-//! * [`framed`]: [`Framed`], the framed-mode adaptor, and [`decode_frame_head`].
+//! * [`framed`]: [`Framed`], the framed-mode adaptor, [`PayloadStream`] (raw or framed, as
+//!   the header says), and [`decode_frame_head`].
 //! * [`datagram`]: the datagram codec of UDP flow streams.
 
 use std::time::Duration;
@@ -231,7 +250,7 @@ pub use control::{
 };
 pub use datagram::{decode_datagram, encode_datagram, read_datagram, write_datagram};
 pub use error::ProtoError;
-pub use framed::{FrameHead, Framed, decode_frame_head};
+pub use framed::{FrameHead, Framed, PayloadStream, decode_frame_head};
 pub use header::{
     DialBackId, RelayTarget, StreamHeader, StreamKind, StreamMode, decode_header, encode_header,
     read_header, write_header,
@@ -262,6 +281,9 @@ pub const MAX_DATAGRAM: usize = 65_535;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an opener waits for the relay status (and the agent for a dial-back stream).
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an acceptor (or the forwarder serving a dial-back) tries to connect to the target
+/// before answering [`RelayStatus::Timeout`]; less than [`STATUS_TIMEOUT`].
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long each side waits for the peer's `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often each side sends a heartbeat on the control stream.
