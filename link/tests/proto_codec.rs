@@ -679,3 +679,13 @@ fn golden_bytes_match_the_documented_encoding() {
     proto::FrameHead::Reset.encode(&mut out).unwrap();
     assert_eq!(out, unhex("01000000036162630203"));
 }
+
+#[test]
+fn mode_follows_what_the_transport_carries() {
+    // tcp, QUIC
+    assert_eq!(StreamMode::for_transport(true, true), StreamMode::Raw);
+    // unix, vsock: half-close but no reset
+    assert_eq!(StreamMode::for_transport(true, false), StreamMode::Framed);
+    // hybrid vsock
+    assert_eq!(StreamMode::for_transport(false, false), StreamMode::Framed);
+}

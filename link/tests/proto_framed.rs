@@ -259,3 +259,61 @@ async fn payload_stream_reset_is_framed_only() {
     let e = peer.read(&mut [0u8; 8]).await.unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Any write sizes, read sizes and pipe capacity: the reader gets exactly the bytes
+        /// written, then EOF, then the reverse direction still works.
+        #[test]
+        fn framed_carries_any_split(
+            data in proptest::collection::vec(any::<u8>(), 0..300_000),
+            writes in proptest::collection::vec(1usize..400_000, 1..8),
+            reads in proptest::collection::vec(1usize..100_000, 1..8),
+            capacity in 1usize..70_000,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let (a, b) = tokio::io::duplex(capacity);
+                let (mut a, mut b) = (Framed::new(a), Framed::new(b));
+                let expect = data.clone();
+                let reader = async move {
+                    let mut got = Vec::new();
+                    let mut buf = vec![0u8; 100_000];
+                    let mut i = 0;
+                    loop {
+                        let want = reads[i % reads.len()];
+                        i += 1;
+                        let n = b.read(&mut buf[..want]).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    assert_eq!(got, expect);
+                    b.write_all(b"done").await.unwrap();
+                    b.shutdown().await.unwrap();
+                };
+                let writer = async move {
+                    let mut rest = &data[..];
+                    let mut i = 0;
+                    while !rest.is_empty() {
+                        let n = writes[i % writes.len()].min(rest.len());
+                        i += 1;
+                        a.write_all(&rest[..n]).await.unwrap();
+                        rest = &rest[n..];
+                    }
+                    a.shutdown().await.unwrap();
+                    let mut reply = Vec::new();
+                    a.read_to_end(&mut reply).await.unwrap();
+                    assert_eq!(reply, b"done");
+                };
+                tokio::join!(reader, writer);
+            });
+        }
+    }
+}

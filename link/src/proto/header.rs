@@ -73,9 +73,12 @@ pub enum StreamMode {
 }
 
 impl StreamMode {
-    /// The mode to use on a transport stream that does (`true`) or does not carry half-close.
-    pub fn for_transport(carries_half_close: bool) -> Self {
-        if carries_half_close {
+    /// The mode for a transport stream, from what it carries (`Stream::carries_half_close`,
+    /// `Stream::carries_reset` in [`crate::transport`]): raw only if the transport carries both
+    /// half-close and reset (tcp, QUIC), framed otherwise (unix, vsock, hybrid vsock), so that
+    /// a reset always arrives as a reset.
+    pub fn for_transport(carries_half_close: bool, carries_reset: bool) -> Self {
+        if carries_half_close && carries_reset {
             StreamMode::Raw
         } else {
             StreamMode::Framed

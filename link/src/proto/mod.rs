@@ -31,7 +31,7 @@
 //! | type | encoding |
 //! |---|---|
 //! | `u8` | one byte |
-//! | `u16`, `u32`, `u64` | unsigned LEB128 varint (7 bits a byte, low group first, high bit = more) |
+//! | `u16`, `u32`, `u64` | unsigned LEB128 varint (7 bits a byte, low group first, high bit = more; at most 3, 5, 10 bytes; shortest form when encoding; a value out of the type's range is malformed) |
 //! | `bool` | one byte, `0` or `1` (anything else is malformed) |
 //! | `Option<T>` | `0`, or `1` then `T` |
 //! | `Vec<T>`, `String`, bytes | varint count, then the elements (a string is UTF-8) |
@@ -128,12 +128,9 @@
 //! payload in the header's [`StreamMode`], in both directions:
 //!
 //! * **Raw**: the bytes themselves. Half-close is the transport's shutdown(write) and a reset
-//!   is the transport's reset (`SO_LINGER` 0 close; QUIC `reset`/`stop_sending`). Used where
-//!   the transport carries half-close: unix, tcp, and AF_VSOCK between two kernels
-//!   (`vsock://`). Raw streams can be spliced.
-//! * **Framed**: a sequence of frames; used where the transport cannot half-close. Hybrid
-//!   vsock (vhost-device-vsock and similar) is one: a host shutdown(write) reaches the guest as
-//!   a full shutdown and a guest shutdown(write) never reaches the host. Frames:
+//!   is the transport's reset (TCP RST through `SO_LINGER` 0; QUIC `RESET_STREAM`/`STOP_SENDING`).
+//!   Raw streams can be spliced.
+//! * **Framed**: a sequence of frames that carry half-close and reset themselves:
 //!
 //!   ```text
 //!   0x01 ‖ len: u32 BE ‖ len bytes    DATA   1 ≤ len ≤ MAX_FRAME_DATA, else an error
@@ -147,10 +144,23 @@
 //!   stream ending without END or RESET, or a malformed frame, like a reset. When both ENDs
 //!   have been sent and received, each side closes its transport stream. See [`Framed`].
 //!
-//! QUIC carries FIN and RESET natively, so QUIC streams run raw. The transport tells which mode
-//! a stream needs (`carries_half_close()`); [`StreamMode::for_transport`] maps it. The opener
-//! chooses and writes the mode in the header; the acceptor must use the mode it reads (it may
-//! refuse a raw stream on a transport it knows cannot half-close, with status `Error`).
+//! The opener chooses the mode and writes it in the header; the acceptor uses the mode it reads
+//! (it may refuse a raw stream on a transport it knows cannot half-close, with status `Error`).
+//! The rule ([`StreamMode::for_transport`]) is: **raw where the transport carries both
+//! half-close and reset, framed everywhere else**, because every relay must turn a reset into
+//! a reset:
+//!
+//! | transport | half-close | reset | mode |
+//! |---|---|---|---|
+//! | `tcp://` | yes | yes (RST) | raw |
+//! | `quic://` | yes (FIN) | yes (RESET_STREAM / STOP_SENDING) | raw |
+//! | `unix://` | yes | no: the peer sees EOF (or `ECONNRESET` only if data was left unread) | framed |
+//! | `vsock://` (AF_VSOCK between kernels) | yes | no: a close is a full shutdown, the peer sees EOF | framed |
+//! | `hybrid-vsock://` | no: a host shutdown(write) reaches the guest as a full shutdown, a guest shutdown(write) never reaches the host (measured with vhost-device-vsock) | no | framed |
+//!
+//! An opener may still choose raw on unix or vsock (e.g. to splice) if it accepts that a reset
+//! then reaches the other side as EOF followed by a failed write; the acceptor follows the
+//! header either way.
 //!
 //! On a UDP flow stream the payload is a sequence of **datagrams**, each `len: u16 BE ‖ len
 //! bytes` ([`encode_datagram`]), both ways; an idle flow is closed by either side (the header
@@ -188,13 +198,16 @@
 //!    `{Control, mode}` and its `Hello`. The agent reads the header, then writes its own
 //!    `Hello`. Each side must receive the peer's `Hello` as its first message within
 //!    [`HELLO_TIMEOUT`] (10 s), else closes. A side checks `role` (the peer must be the other
-//!    role) and `auth` where the transport authenticates in-band, and answers a failure with
+//!    role) and `auth` where the transport authenticates in-band (the proof's format is the
+//!    transport's, see [`crate::transport`]; `None` otherwise), and answers a failure with
 //!    `Error{Auth or Protocol, fatal}` then closes. The session's revision is the minimum of
 //!    both `revision`s ([`CONTROL_REVISION`] = 1 is the only one so far); a side that cannot
 //!    speak it sends `Error{Version, fatal}` and closes. Optional features are used only if
 //!    both sides list the capability ([`caps`]); unknown capability names are ignored.
 //! 2. **Snapshots.** Right after `Hello` the agent sends `Snapshot{Guest}` of its listeners;
 //!    if both sides have [`caps::REVERSE`], the forwarder sends `Snapshot{Host}` of its own.
+//!    Neither side reports a socket it created itself to mirror the other side's listeners, nor
+//!    a port it is mirroring for the other side (loop prevention).
 //!    A receiver replaces its view of that side with the snapshot ([`ListenerSet::replace`]),
 //!    and opens or closes its mirrors for the difference.
 //! 3. **Running.** The owner of a listener set sends `Changes` whenever it changes: `seq` is
