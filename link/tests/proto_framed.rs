@@ -263,6 +263,68 @@ async fn payload_stream_reset_is_framed_only() {
 mod prop {
     use super::*;
     use proptest::prelude::*;
+    use std::io::IoSlice;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+
+    /// A duplex end that writes vectored, and at most `limits[i]` bytes per write (cycled):
+    /// short writes that cut frame heads and payloads anywhere.
+    struct Short {
+        inner: DuplexStream,
+        limits: Vec<usize>,
+        turn: usize,
+    }
+
+    impl AsyncRead for Short {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Short {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let limit = self.limits[self.turn % self.limits.len()];
+            let mut gathered = Vec::new();
+            for b in bufs {
+                let take = (limit - gathered.len()).min(b.len());
+                gathered.extend_from_slice(&b[..take]);
+            }
+            let r = Pin::new(&mut self.inner).poll_write(cx, &gathered);
+            if r.is_ready() {
+                self.turn += 1;
+            }
+            r
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
@@ -275,10 +337,13 @@ mod prop {
             writes in proptest::collection::vec(1usize..400_000, 1..8),
             reads in proptest::collection::vec(1usize..100_000, 1..8),
             capacity in 1usize..70_000,
+            limits in proptest::collection::vec(1usize..100_000, 1..8),
         ) {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             rt.block_on(async {
                 let (a, b) = tokio::io::duplex(capacity);
+                let a = Short { inner: a, limits: limits.clone(), turn: 0 };
+                let b = Short { inner: b, limits, turn: 0 };
                 let (mut a, mut b) = (Framed::new(a), Framed::new(b));
                 let expect = data.clone();
                 let reader = async move {
@@ -316,4 +381,22 @@ mod prop {
             });
         }
     }
+}
+
+#[tokio::test]
+async fn reset_in_the_middle_of_a_frame_still_reaches_the_peer() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let (mut a, mut b) = (Framed::new(a), Framed::new(b));
+    // Nobody reads yet: a 256 KiB write is cut short by the socket buffer.
+    let big = pattern(9, proto::MAX_FRAME_DATA as usize);
+    let n = a.write(&big).await.unwrap();
+    assert!(n > 0 && n < big.len(), "expected a short write, got {n}");
+    // Not finishing the frame: shutdown is refused, reset ends the transport stream.
+    let e = a.shutdown().await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    a.reset().await.unwrap();
+    let mut got = Vec::new();
+    let e = b.read_to_end(&mut got).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    assert_eq!(got, big[..n]);
 }

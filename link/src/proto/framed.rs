@@ -130,6 +130,9 @@ enum WriteState {
 ///
 /// * Writes become data frames (at most [`MAX_FRAME_DATA`] bytes each). Like a `BufWriter`,
 ///   a write may be accepted before it reaches `S`: call `flush` (or `shutdown`) to push it.
+///   A short write (`Ok(k)` with `k` less than offered) must be followed by writing the rest,
+///   as `write_all` does: the frame's head has announced it. Shutting down instead is an
+///   `InvalidInput` error, and a reset then ends the transport stream (the peer sees a reset).
 /// * `shutdown` sends an END frame and flushes, but leaves `S` open so that the other direction
 ///   keeps flowing. Later writes fail with `BrokenPipe`.
 /// * [`Framed::reset`] sends a RESET frame: the peer's reads and writes then fail with
@@ -148,6 +151,9 @@ pub struct Framed<S> {
     rstate: ReadState,
     wbuf: Vec<u8>,
     wpos: usize,
+    /// Payload bytes of the data frame being written that the caller has not handed over yet
+    /// (after a short write, the frame's head already announced them).
+    owed: usize,
     wstate: WriteState,
 }
 
@@ -163,6 +169,7 @@ impl<S> Framed<S> {
             rstate: ReadState::Open,
             wbuf: Vec::new(),
             wpos: 0,
+            owed: 0,
             wstate: WriteState::Open,
         }
     }
@@ -368,12 +375,22 @@ impl<S: AsyncWrite + Unpin> Framed<S> {
         if self.wstate == WriteState::Reset {
             return Poll::Ready(Ok(()));
         }
-        ready!(self.poll_control_frame(
-            cx,
-            FrameHead::Reset,
-            WriteState::Resetting,
-            WriteState::Reset
-        ))?;
+        if self.owed > 0 {
+            // The caller gave up in the middle of a data frame: the frame cannot be finished,
+            // so no RESET frame can follow it. Shut the transport stream down instead; the
+            // peer sees the stream end inside a frame, which it treats as a reset.
+            ready!(self.poll_drain(cx))?;
+            ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+            self.owed = 0;
+            self.wstate = WriteState::Reset;
+        } else {
+            ready!(self.poll_control_frame(
+                cx,
+                FrameHead::Reset,
+                WriteState::Resetting,
+                WriteState::Reset
+            ))?;
+        }
         if !matches!(self.rstate, ReadState::PeerReset | ReadState::Failed(_)) {
             self.rstate = ReadState::LocalReset;
         }
@@ -415,6 +432,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
             return Poll::Ready(Ok(0));
         }
         ready!(this.poll_drain(cx))?;
+        if this.owed > 0 {
+            // The rest of a frame whose head is out: these bytes go straight through.
+            let n = this.owed.min(buf.len());
+            let chunk = buf.get(..n).unwrap_or_default();
+            let written = ready!(Pin::new(&mut this.inner).poll_write(cx, chunk))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            this.owed -= written.min(this.owed);
+            return Poll::Ready(Ok(written));
+        }
         let n = buf.len().min(MAX_FRAME_DATA as usize);
         let chunk = buf.get(..n).unwrap_or_default();
         let mut head = Vec::with_capacity(DATA_HEAD_LEN);
@@ -430,13 +458,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
             if written >= head.len() + n {
                 return Poll::Ready(Ok(n));
             }
+            if written > head.len() {
+                // A short write: report it as such, and take the rest of this frame's payload
+                // from the caller's next writes (no copy).
+                let payload = written - head.len();
+                this.owed = n - payload;
+                return Poll::Ready(Ok(payload));
+            }
+            // Not even the head went out whole: queue the rest of the frame.
             this.wbuf
                 .extend_from_slice(head.get(written..).unwrap_or_default());
-            this.wbuf.extend_from_slice(
-                chunk
-                    .get(written.saturating_sub(head.len())..)
-                    .unwrap_or_default(),
-            );
+            this.wbuf.extend_from_slice(chunk);
         } else {
             this.wbuf.extend_from_slice(&head);
             this.wbuf.extend_from_slice(chunk);
@@ -457,6 +489,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.owed > 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "shutdown in the middle of a data frame: a short write was not completed",
+            )));
+        }
         match this.wstate {
             WriteState::Open | WriteState::Ending => {
                 this.poll_control_frame(cx, FrameHead::End, WriteState::Ending, WriteState::Ended)
