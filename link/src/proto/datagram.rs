@@ -3,7 +3,7 @@
 //! A `u16` holds every size up to [`MAX_DATAGRAM`] (65,535), so every
 //! length prefix is valid and an empty datagram (length 0) is a datagram like any other.
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::envelope;
 use super::{MAX_DATAGRAM, ProtoError};
@@ -57,8 +57,6 @@ where
     }
     buf.clear();
     buf.resize(usize::from(u16::from_be_bytes(len)), 0);
-    r.read_exact(buf)
-        .await
-        .map_err(|e| ProtoError::io(WHAT, e))?;
+    envelope::read_exact(r, buf, WHAT).await?;
     Ok(true)
 }

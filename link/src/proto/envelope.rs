@@ -122,9 +122,7 @@ where
     }
     let len = check_len(kind, len)?;
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body)
-        .await
-        .map_err(|e| ProtoError::io(kind.what, e))?;
+    read_exact(r, &mut body, kind.what).await?;
     decode_body(kind, &body).map(Some)
 }
 
@@ -152,6 +150,22 @@ where
         got += n;
     }
     Ok(true)
+}
+
+/// Fills `buf` exactly; [`ProtoError::Truncated`] if the stream ends first.
+pub(crate) async fn read_exact<R>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), ProtoError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    if buf.is_empty() || read_exact_or_eof(r, buf, what).await? {
+        Ok(())
+    } else {
+        Err(ProtoError::Truncated { what })
+    }
 }
 
 /// Writes `bytes` in one go and flushes (a buffered or framed writer must pass them on).

@@ -111,13 +111,10 @@ pub enum ProtoError {
 }
 
 impl ProtoError {
-    /// Wraps an I/O error; an unexpected EOF becomes [`ProtoError::Truncated`].
+    /// Wraps an I/O error of the stream (kept as it is: a framed stream's own errors, such as
+    /// "ended without an end-of-stream frame", must not read as a truncated message).
     pub(crate) fn io(what: &'static str, source: io::Error) -> Self {
-        if source.kind() == io::ErrorKind::UnexpectedEof {
-            ProtoError::Truncated { what }
-        } else {
-            ProtoError::Io { what, source }
-        }
+        ProtoError::Io { what, source }
     }
 }
 

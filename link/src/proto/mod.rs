@@ -192,7 +192,10 @@
 //!
 //! State machine (each side; "close" means close the control stream, which tears down every
 //! listener mirrored for the peer and every stream that depended on it; the forwarder then
-//! reconnects with back-off and everything resynchronises from snapshots):
+//! reconnects with back-off and everything resynchronises from snapshots). A side closes
+//! cleanly by half-closing the stream (shutdown; END in framed mode) at a message boundary;
+//! the stream ending any other way (inside a message, without END, a reset) is logged as an
+//! error, with the same teardown:
 //!
 //! 1. **Hello.** The forwarder opens the stream, writes the preface, the header
 //!    `{Control, mode}` and its `Hello`. The agent reads the header, then writes its own
