@@ -137,7 +137,9 @@ enum WriteState {
 ///   keeps flowing. Later writes fail with `BrokenPipe`.
 /// * [`Framed::reset`] sends a RESET frame: the peer's reads and writes then fail with
 ///   `ConnectionReset`; this side's reads fail with `ConnectionAborted`.
-/// * Reading the peer's END yields EOF (`Ok(0)`), while writing stays possible. `S` ending
+/// * Reading the peer's END yields EOF (`Ok(0)`), while writing stays possible. Reads after
+///   END keep returning EOF without reading `S`, so a RESET the peer sends after its END is
+///   not reported by reads; the peer then closes the stream and this side's writes fail. `S` ending
 ///   without an END frame, or a malformed frame, is an error (`UnexpectedEof`, `InvalidData`):
 ///   treat it like a reset.
 #[derive(Debug)]
