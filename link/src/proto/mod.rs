@@ -224,9 +224,9 @@
 //! 4. **Dial-back** (both sides have [`caps::DIAL_BACK`]): the agent sends `DialBack` with an
 //!    id unique among its pending requests; the forwarder answers with a `DialBack` stream
 //!    (above), never on the control stream.
-//! 5. **Heartbeats.** Each side sends `Heartbeat` every [`HEARTBEAT_INTERVAL`] (5 s), with
+//! 5. **Heartbeats.** Each side sends `Heartbeat` every [`HEARTBEAT_INTERVAL`] (1 s), with
 //!    `counter` incremented each time; a side that receives no message at all for
-//!    [`HEARTBEAT_TIMEOUT`] (15 s) closes.
+//!    [`HEARTBEAT_TIMEOUT`] (3 s) closes.
 //! 6. **Errors.** `Error{fatal: false}` is logged; `Error{fatal: true}` is followed by close.
 //!    Receiving a second `Hello`, a message with an unknown tag ([`ProtoError::UnknownType`]),
 //!    or a malformed message is a protocol error: the receiver sends `Error{Protocol, fatal}`
@@ -303,9 +303,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long each side waits for the peer's `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often each side sends a heartbeat on the control stream.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Silence on the control stream after which a side closes it.
-pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Capability names for [`Hello::capabilities`].
 pub mod caps {

@@ -1,0 +1,3 @@
+//! `hostnet-forwarder`
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! `hostnet-agent`
+
+fn main() {}
