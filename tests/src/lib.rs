@@ -1,1 +1,119 @@
-//! End-to-end test support (being written).
+//! End-to-end test support for the host-networking bridge: the "VM" is a network namespace with
+//! `hostnet-agent` inside, `hostnet-forwarder` runs outside, and the two talk over a unix socket
+//! (which crosses the namespace boundary the way vsock crosses a VM's), or over tcp/quic on a veth
+//! pair.
+//!
+//! Module map:
+//! * [`payload`] — checksummed payloads: a PRNG stream the receiver regenerates and compares.
+//! * [`netns`] — [`netns::Netns`], a named namespace (`ip netns add`) with `lo` up and an optional
+//!   veth pair in 198.18.0.0/15 (RFC 2544), removed on drop; sockets are created inside it from a
+//!   thread that `setns`es into it (CLONE_NEWNET only affects that thread, and a socket stays in the
+//!   namespace it was created in).
+//! * [`process`] — [`process::Proc`], a child process whose stderr is collected for failure
+//!   messages, killed and reaped on drop; locating the binaries Cargo built.
+//! * [`net`] — TCP/UDP servers (echo, duplex, tagged, reset), client helpers, free ports.
+//! * [`socat`] — the socat chain (host TCP → unix → namespace TCP) the benchmark compares with.
+//! * [`bridge`] — [`bridge::Bridge`], an agent in a namespace plus a forwarder on the host over a
+//!   chosen transport, with `status --json` helpers.
+//!
+//! The namespace tests need root. [`privileged`] decides: without root (or when `ip netns` fails)
+//! it panics, unless `HOSTNET_SKIP_PRIVILEGED=1`, in which case it prints a note and the test
+//! returns early.
+
+pub mod bridge;
+pub mod net;
+pub mod netns;
+pub mod payload;
+pub mod process;
+pub mod socat;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Polls `cond` every few milliseconds until it holds (true) or `deadline` passes (false).
+pub fn wait_until(deadline: Instant, mut cond: impl FnMut() -> bool) -> bool {
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `Instant::now() + d`.
+pub fn after(d: Duration) -> Instant {
+    Instant::now() + d
+}
+
+/// True when the test may run its privileged part. Panics when it cannot (not root, or
+/// `ip netns` does not work) unless `HOSTNET_SKIP_PRIVILEGED=1`, in which case it prints a note
+/// and returns false.
+pub fn privileged(test: &str) -> bool {
+    let skip = std::env::var("HOSTNET_SKIP_PRIVILEGED").is_ok_and(|v| v == "1");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let problem = if euid != 0 {
+        Some("not running as root (network namespaces need CAP_SYS_ADMIN)".to_string())
+    } else {
+        netns::probe()
+            .err()
+            .map(|e| format!("`ip netns` does not work here: {e:#}"))
+    };
+    match problem {
+        None => true,
+        Some(p) if skip => {
+            eprintln!("note: {test} skipped: {p}; HOSTNET_SKIP_PRIVILEGED=1");
+            false
+        }
+        Some(p) => panic!(
+            "{test}: {p}. Run the end-to-end tests as root, or set HOSTNET_SKIP_PRIVILEGED=1 to skip them."
+        ),
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (tests with hundreds of connections; children
+/// inherit it).
+pub fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// A directory under the system temp dir, removed (recursively) on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "hne-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn join(&self, p: &str) -> std::path::PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

@@ -1,0 +1,3 @@
+//! The bridge benchmark (being written).
+
+fn main() {}
