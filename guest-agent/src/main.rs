@@ -1,3 +1,7 @@
-//! `hostnet-agent`
+//! `hostnet-agent`: see the library.
 
-fn main() {}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    hostnet_agent::app::main(hostnet_agent::app::Cli::parse())
+}

@@ -1,0 +1,356 @@
+//! The agent's shared state, its discovery feed and the per-stream dispatch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hostnet_link::discovery::{self, Event, Options, Protocol, Watcher, WatcherHandle};
+use hostnet_link::proto::{self, DialBackId, ProtoError, StreamKind, StreamMode};
+use hostnet_link::transport::{Listener, Stream};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ports::PortFilter;
+use crate::{control, relay};
+
+/// What the agent does, apart from where it listens.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `--allow` / `--deny`.
+    pub filter: PortFilter,
+    /// Idle timeout of a UDP flow (`--udp-timeout`).
+    pub udp_timeout: Duration,
+    /// Concurrent TCP relays, forward and reverse (`--max-streams`).
+    pub max_streams: usize,
+    /// Concurrent UDP flows, forward and reverse (`--max-udp-flows`).
+    pub max_udp_flows: usize,
+    /// Discovery poll interval.
+    pub discovery_interval: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            filter: PortFilter::default(),
+            udp_timeout: Duration::from_secs(120),
+            max_streams: 4096,
+            max_udp_flows: 4096,
+            discovery_interval: discovery::DEFAULT_INTERVAL,
+        }
+    }
+}
+
+/// Counters of events worth knowing about (limits biting, refusals, bad peers).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub streams: AtomicU64,
+    pub handshake_errors: AtomicU64,
+    pub forbidden: AtomicU64,
+    pub streams_full: AtomicU64,
+    pub udp_flows_full: AtomicU64,
+    pub sessions: AtomicU64,
+    pub dial_backs: AtomicU64,
+    pub dial_back_failed: AtomicU64,
+}
+
+/// A snapshot of the agent's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Link streams accepted.
+    pub streams: u64,
+    /// Streams closed because their header was bad, late or missing.
+    pub handshake_errors: u64,
+    /// Relay requests answered `Forbidden`.
+    pub forbidden: u64,
+    /// TCP relays refused because `--max-streams` were running.
+    pub streams_full: u64,
+    /// UDP flows refused because `--max-udp-flows` were running.
+    pub udp_flows_full: u64,
+    /// Control sessions started.
+    pub sessions: u64,
+    /// Dial-back requests sent.
+    pub dial_backs: u64,
+    /// Dial-backs that failed (no stream in time, bad status).
+    pub dial_back_failed: u64,
+}
+
+/// The control session in charge: a new control stream cancels it and waits (briefly) for
+/// `done` to resolve, which happens when its reverse listeners are gone.
+pub(crate) struct SessionSlot {
+    pub id: u64,
+    pub cancel: CancellationToken,
+    pub done: oneshot::Receiver<()>,
+}
+
+/// A dial-back stream delivered to the task that asked for it.
+pub(crate) type DialBackDelivery = (Stream, StreamMode);
+
+pub(crate) struct Shared {
+    pub config: AgentConfig,
+    /// The latest discovery set (after the agent's own exclusions, before the report filter).
+    pub guest: watch::Receiver<Arc<discovery::ListenerSet>>,
+    pub watcher: WatcherHandle,
+    pub streams: Arc<Semaphore>,
+    pub udp_flows: Arc<Semaphore>,
+    pub counters: Counters,
+    /// The current control session.
+    pub session: Mutex<Option<SessionSlot>>,
+    pub next_session: AtomicU64,
+    /// Dial-back requests waiting for their stream.
+    pub pending: Mutex<HashMap<u64, oneshot::Sender<DialBackDelivery>>>,
+    pub next_dial_back: AtomicU64,
+    /// Ports bound as reverse mirrors (refcounted), kept out of discovery (loop prevention).
+    pub mirrored: Mutex<BTreeMap<(Protocol, u16), usize>>,
+    pub root: CancellationToken,
+}
+
+/// Locks a mutex, ignoring poisoning (the data are plain maps that stay consistent).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// The listener set the agent reports right now.
+    pub fn report(&self) -> BTreeSet<proto::Listener> {
+        crate::policy::report(self.guest.borrow().iter(), &self.config.filter)
+    }
+
+    /// Marks a port as mirrored for the host until the guard drops.
+    pub fn mirror_guard(self: &Arc<Self>, proto: Protocol, port: u16) -> MirrorGuard {
+        let changed = {
+            let mut m = lock(&self.mirrored);
+            let n = m.entry((proto, port)).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if changed {
+            self.push_exclusions();
+        }
+        MirrorGuard {
+            shared: self.clone(),
+            key: (proto, port),
+        }
+    }
+
+    fn push_exclusions(&self) {
+        let ports: BTreeSet<(Protocol, u16)> = lock(&self.mirrored).keys().copied().collect();
+        self.watcher.set_excluded_ports(ports);
+    }
+}
+
+/// Keeps a (protocol, port) out of the reported set while a reverse mirror holds it.
+pub(crate) struct MirrorGuard {
+    shared: Arc<Shared>,
+    key: (Protocol, u16),
+}
+
+impl Drop for MirrorGuard {
+    fn drop(&mut self) {
+        let changed = {
+            let mut m = lock(&self.shared.mirrored);
+            match m.get_mut(&self.key) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    m.remove(&self.key);
+                    true
+                }
+                None => false,
+            }
+        };
+        if changed {
+            self.shared.push_exclusions();
+        }
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Discovery could not be set up.
+    #[error(transparent)]
+    Discovery(#[from] discovery::Error),
+    /// The discovery watcher stopped before its first snapshot.
+    #[error("discovery watcher stopped before its first snapshot")]
+    NoSnapshot,
+}
+
+/// A running agent: discovery is up; [`Agent::serve`] accepts link streams.
+#[derive(Clone)]
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Agent {
+    /// Starts discovery (in the caller's network namespace) and waits for its first snapshot.
+    /// `shutdown` stops the agent's sessions and its discovery feed.
+    pub async fn start(
+        config: AgentConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StartError> {
+        let (watcher, mut events) = Watcher::spawn(Options::default(), config.discovery_interval)?;
+        let mut set = match events.recv().await {
+            Some(Event::Snapshot(s)) => s,
+            Some(Event::Changed(_)) | None => return Err(StartError::NoSnapshot),
+        };
+        let (tx, rx) = watch::channel(Arc::new(set.clone()));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    e = events.recv() => e,
+                    () = stop.cancelled() => break,
+                };
+                match event {
+                    Some(Event::Snapshot(s)) => set = s,
+                    Some(Event::Changed(d)) => set.apply(&d),
+                    None => break,
+                }
+                tx.send_replace(Arc::new(set.clone()));
+            }
+            tracing::debug!("discovery feed stopped");
+        });
+        let shared = Arc::new(Shared {
+            streams: Arc::new(Semaphore::new(config.max_streams)),
+            udp_flows: Arc::new(Semaphore::new(config.max_udp_flows)),
+            config,
+            guest: rx,
+            watcher,
+            counters: Counters::default(),
+            session: Mutex::new(None),
+            next_session: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            next_dial_back: AtomicU64::new(1),
+            mirrored: Mutex::new(BTreeMap::new()),
+            root: shutdown,
+        });
+        Ok(Self { shared })
+    }
+
+    /// What the agent reports right now (as in its `Snapshot{Guest}`).
+    pub fn report(&self) -> BTreeSet<proto::Listener> {
+        self.shared.report()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            streams: g(&c.streams),
+            handshake_errors: g(&c.handshake_errors),
+            forbidden: g(&c.forbidden),
+            streams_full: g(&c.streams_full),
+            udp_flows_full: g(&c.udp_flows_full),
+            sessions: g(&c.sessions),
+            dial_backs: g(&c.dial_backs),
+            dial_back_failed: g(&c.dial_back_failed),
+        }
+    }
+
+    /// Accepts streams from every listener until `shutdown` (or the agent's own shutdown) is
+    /// cancelled; each stream is handled in its own task. Per-stream failures are logged and
+    /// counted, never end the loop.
+    pub async fn serve(&self, listeners: Vec<Listener>, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        for mut listener in listeners {
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            let root = self.shared.root.clone();
+            let tasks = tracker.clone();
+            tracker.spawn(async move {
+                let endpoint = listener.local_endpoint().clone();
+                loop {
+                    let accepted = tokio::select! {
+                        a = listener.accept() => a,
+                        () = shutdown.cancelled() => break,
+                        () = root.cancelled() => break,
+                    };
+                    match accepted {
+                        Ok(stream) => {
+                            shared.counters.streams.fetch_add(1, Ordering::Relaxed);
+                            tasks.spawn(handle_stream(shared.clone(), stream));
+                        }
+                        Err(e) => {
+                            tracing::error!(%endpoint, error = %e, "link listener stopped");
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        tracker.close();
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = self.shared.root.cancelled() => {}
+        }
+        if let Some(slot) = lock(&self.shared.session).take() {
+            slot.cancel.cancel();
+        }
+    }
+}
+
+async fn handle_stream(shared: Arc<Shared>, mut stream: Stream) {
+    let peer = stream.peer().to_string();
+    let header = match proto::read_header(&mut stream, proto::HEADER_TIMEOUT).await {
+        Ok(h) => h,
+        Err(e) => {
+            shared
+                .counters
+                .handshake_errors
+                .fetch_add(1, Ordering::Relaxed);
+            if matches!(e, ProtoError::Closed { .. }) {
+                tracing::debug!(%peer, "link stream closed before its header");
+            } else {
+                tracing::warn!(%peer, error = %e, "bad link stream header; closing");
+            }
+            return;
+        }
+    };
+    tracing::debug!(%peer, ?header, "link stream");
+    match header.kind {
+        StreamKind::Control => control::run(shared, stream, header.mode, peer).await,
+        StreamKind::TcpRelay(t) => relay::tcp(shared, stream, header.mode, t).await,
+        StreamKind::UdpFlow(t) => relay::udp(shared, stream, header.mode, t).await,
+        StreamKind::DialBack(DialBackId(id)) => {
+            let waiter = lock(&shared.pending).remove(&id);
+            match waiter {
+                Some(tx) => {
+                    if tx.send((stream, header.mode)).is_err() {
+                        tracing::debug!(id, "dial-back stream arrived after its request gave up");
+                    }
+                }
+                None => {
+                    tracing::warn!(id, %peer, "dial-back stream for an unknown or expired request; closing")
+                }
+            }
+        }
+    }
+}
+
+/// Removes a pending dial-back when its waiter goes away (answered, timed out or aborted).
+pub(crate) struct PendingGuard {
+    pub shared: Arc<Shared>,
+    pub id: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        lock(&self.shared.pending).remove(&self.id);
+    }
+}
+
+/// A dial-back request for the current control session to send.
+pub(crate) type DialBackTx = mpsc::Sender<proto::DialBack>;
