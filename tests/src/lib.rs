@@ -25,6 +25,7 @@ pub mod net;
 pub mod netns;
 pub mod payload;
 pub mod process;
+pub mod scenario;
 pub mod socat;
 
 use std::thread;

@@ -1,0 +1,243 @@
+//! Scenarios shared by several test files (one per transport): each sets up its own servers in
+//! the bridge's namespace on fresh ports, and panics with both processes' logs on failure.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use crate::bridge::Bridge;
+use crate::net::{
+    ANY4, ANY6, LO4, LO6, Outcome, TcpServer, UdpEcho, duplex, duplex_handler, echo_check,
+    free_port, refused, sa, set_timeouts, try_connect, udp_echo_check,
+};
+use crate::payload::{expect_eof, read_prng, write_prng};
+use crate::{after, wait_until};
+
+/// Servers in the namespace on 0.0.0.0:P1, [::]:P2, 127.0.0.1:P3 and [::1]:P4; each reached
+/// from the host per the address policy with a checksummed echo, over 127.0.0.1 and ::1 (P4:
+/// ::1 only, and 127.0.0.1:P4 stays unmirrored).
+pub fn reach_all(b: &mut Bridge) {
+    let cases: [(IpAddr, &[IpAddr]); 4] = [
+        (ANY4, &[LO4, LO6]),
+        (ANY6, &[LO4, LO6]),
+        (LO4, &[LO4, LO6]),
+        (LO6, &[LO6]),
+    ];
+    let mut servers = Vec::new();
+    for (i, (guest, hosts)) in cases.iter().enumerate() {
+        let port = free_port();
+        let l = b.ns.tcp_listener(sa(*guest, port)).unwrap();
+        servers.push(TcpServer::echo(l));
+        for h in *hosts {
+            b.expect_tcp(*h, port);
+            if let Err(e) = echo_check(sa(*h, port), 100 + i as u64, 256 * 1024) {
+                panic!(
+                    "guest {} reached via host {}: {e}\n{}",
+                    sa(*guest, port),
+                    sa(*h, port),
+                    b.describe()
+                );
+            }
+        }
+        if *guest == LO6 {
+            thread::sleep(Duration::from_millis(300));
+            assert!(
+                refused(sa(LO4, port)),
+                "guest [::1]:{port} must be mirrored on [::1] only, but 127.0.0.1:{port} answers"
+            );
+        }
+    }
+}
+
+/// `len` bytes each way at once through the host's `ip` to a guest server on 0.0.0.0, both
+/// sides checking every byte.
+pub fn duplex_through(b: &mut Bridge, ip: IpAddr, len: u64) {
+    let port = free_port();
+    let outcome: Outcome = Arc::default();
+    let _srv = TcpServer::serve(
+        b.ns.tcp_listener(sa(ANY4, port)).unwrap(),
+        duplex_handler(1000, len, outcome.clone()),
+    );
+    b.expect_tcp(ip, port);
+    let s = try_connect(sa(ip, port)).unwrap();
+    set_timeouts(&s, Duration::from_secs(30));
+    let t0 = std::time::Instant::now();
+    let client = duplex(s, 1000, 1001, len, "host client");
+    let server = if wait_until(after(Duration::from_secs(10)), || {
+        !outcome.lock().unwrap().is_empty()
+    }) {
+        outcome.lock().unwrap()[0].clone()
+    } else {
+        Err("the guest server never finished".into())
+    };
+    eprintln!(
+        "duplex {len} bytes each way via {ip}: {:?} ({:.0} MiB/s each way)",
+        t0.elapsed(),
+        len as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64()
+    );
+    if client.is_err() || server.is_err() {
+        panic!(
+            "duplex transfer: client {client:?}, server {server:?}\n{}",
+            b.describe()
+        );
+    }
+}
+
+/// Half-close both ways round: (a) the host client sends and shuts down its write side, the
+/// guest server reads to EOF and only then answers; (b) the guest server sends and shuts down
+/// first, the host client reads to EOF and then still sends.
+pub fn half_close(b: &mut Bridge) {
+    const N: u64 = 300_000;
+    const M: u64 = 200_000;
+    // (a)
+    let pa = free_port();
+    let out_a: Outcome = Arc::default();
+    let oa = out_a.clone();
+    let _sa = TcpServer::serve(b.ns.tcp_listener(sa(ANY4, pa)).unwrap(), move |mut s| {
+        set_timeouts(&s, Duration::from_secs(10));
+        let r = read_prng(&mut s, 1, N, "server reads")
+            .and_then(|_| expect_eof(&mut s, "server after client's FIN"))
+            .and_then(|_| write_prng(&mut s, 2, M).map_err(|e| format!("server write: {e}")));
+        oa.lock().unwrap().push(r);
+    });
+    b.expect_tcp(LO4, pa);
+    let mut c = try_connect(sa(LO4, pa)).unwrap();
+    write_prng(&mut c, 1, N).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let r = read_prng(&mut c, 2, M, "client reads the answer after its FIN")
+        .and_then(|_| expect_eof(&mut c, "client at the end"));
+    if let Err(e) = r {
+        panic!(
+            "half-close (client first): {e}; server: {:?}\n{}",
+            out_a.lock().unwrap(),
+            b.describe()
+        );
+    }
+    // (b)
+    let pb = free_port();
+    let out_b: Outcome = Arc::default();
+    let ob = out_b.clone();
+    let _sb = TcpServer::serve(b.ns.tcp_listener(sa(ANY4, pb)).unwrap(), move |mut s| {
+        set_timeouts(&s, Duration::from_secs(10));
+        let r = write_prng(&mut s, 3, M)
+            .map_err(|e| format!("server write: {e}"))
+            .and_then(|_| s.shutdown(Shutdown::Write).map_err(|e| e.to_string()))
+            .and_then(|_| read_prng(&mut s, 4, N, "server reads after its own FIN"))
+            .and_then(|_| expect_eof(&mut s, "server at the end"));
+        ob.lock().unwrap().push(r);
+    });
+    b.expect_tcp(LO6, pb);
+    let mut c = try_connect(sa(LO6, pb)).unwrap();
+    let r = read_prng(&mut c, 3, M, "client reads")
+        .and_then(|_| expect_eof(&mut c, "client after server's FIN"))
+        .and_then(|_| write_prng(&mut c, 4, N).map_err(|e| format!("client write after EOF: {e}")))
+        .and_then(|_| c.shutdown(Shutdown::Write).map_err(|e| e.to_string()));
+    let done = wait_until(after(Duration::from_secs(10)), || {
+        !out_b.lock().unwrap().is_empty()
+    });
+    let server = out_b.lock().unwrap().first().cloned();
+    if r.is_err() || !done || server.as_ref().is_some_and(|s| s.is_err()) {
+        panic!(
+            "half-close (server first): client {r:?}, server {server:?}\n{}",
+            b.describe()
+        );
+    }
+}
+
+/// UDP echo in the namespace on [::]:P (dual-stack); several host clients at once over
+/// 127.0.0.1 and ::1, each checking that every reply is its own and comes from the address it
+/// targeted.
+pub fn udp_forward(b: &mut Bridge) {
+    let port = free_port();
+    let _echo = UdpEcho::serve(b.ns.udp_socket(sa(ANY6, port)).unwrap());
+    for ip in [LO4, LO6] {
+        if b.wait_udp(ip, port, Duration::from_secs(5)).is_none() {
+            panic!(
+                "UDP {} not mirrored within 5 s\n{}",
+                sa(ip, port),
+                b.describe()
+            );
+        }
+    }
+    let errors = udp_clients(|ip| UdpSocket::bind(sa(ip, 0)), port, 8);
+    if !errors.is_empty() {
+        panic!("UDP forward: {errors:?}\n{}", b.describe());
+    }
+}
+
+/// `n` clients (alternating 127.0.0.1 and ::1) made by `mk`, each sending 20 tagged datagrams to
+/// `port` concurrently; returns the errors.
+pub fn udp_clients(
+    mk: impl Fn(IpAddr) -> std::io::Result<UdpSocket>,
+    port: u16,
+    n: usize,
+) -> Vec<String> {
+    let socks: Vec<(SocketAddr, UdpSocket)> = (0..n)
+        .map(|i| {
+            let ip = if i % 2 == 0 { LO4 } else { LO6 };
+            (sa(ip, port), mk(ip).unwrap())
+        })
+        .collect();
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    thread::scope(|s| {
+        for (i, (to, sock)) in socks.iter().enumerate() {
+            let errors = errors.clone();
+            s.spawn(move || {
+                for j in 0..20 {
+                    let msg = format!("client {i} datagram {j} {}", "x".repeat(i * 37 + j));
+                    if let Err(e) =
+                        udp_echo_check(sock, *to, msg.as_bytes(), Duration::from_secs(5))
+                    {
+                        errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("client {i} -> {to}: {e}"));
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let e = errors.lock().unwrap().clone();
+    #[allow(clippy::let_and_return)] // the guard must drop before `errors`
+    e
+}
+
+/// A guest server that reads 5 bytes and resets: the host client must see a reset (not EOF).
+pub fn reset_from_guest(b: &mut Bridge) {
+    let port = free_port();
+    let _srv = TcpServer::serve(b.ns.tcp_listener(sa(ANY4, port)).unwrap(), |mut s| {
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf);
+        crate::net::set_linger_zero(&s);
+    });
+    b.expect_tcp(LO4, port);
+    let mut c = try_connect(sa(LO4, port)).unwrap();
+    set_timeouts(&c, Duration::from_secs(5));
+    let outcome = match c.write_all(b"hello") {
+        Err(e) => Err(e),
+        Ok(()) => crate::net::read_to_end_or_err(&mut c),
+    };
+    match outcome {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "guest server reset its connection; the host client should see ECONNRESET, got {other:?}\n{}",
+            b.describe()
+        ),
+    }
+}
+
+/// Opens a connection and returns it, or the error, with SO_LINGER untouched.
+pub fn connect_raw(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    set_timeouts(&s, Duration::from_secs(5));
+    Ok(s)
+}
+
+/// Writes one byte and reads to the end: what a client sees on a dead path.
+pub fn poke(s: &mut TcpStream) -> std::io::Result<usize> {
+    let _ = s.write_all(b"?");
+    crate::net::read_to_end_or_err(s)
+}

@@ -1,0 +1,335 @@
+//! Faults: the agent killed mid-transfer, the forwarder restarted, a host port taken by another
+//! process, stray garbage on the agent's socket, a wrong token.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use hostnet_e2e::bridge::{Bridge, Transport};
+use hostnet_e2e::net::{
+    ANY4, LO4, LO6, TcpServer, echo_check, free_port, is_timeout, sa, set_timeouts, tcp_listeners,
+    try_connect,
+};
+use hostnet_e2e::payload::{Prng, payload};
+use hostnet_e2e::{after, privileged, wait_until};
+
+/// Streams bytes until the peer goes away.
+fn source_handler(mut s: TcpStream) {
+    let mut p = Prng::new(5);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        p.fill(&mut buf);
+        if s.write_all(&buf).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn agent_killed_mid_transfer_then_restarted() {
+    if !privileged("agent_killed_mid_transfer_then_restarted") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let src = free_port();
+    let echo = free_port();
+    let _s = TcpServer::serve(b.ns.tcp_listener(sa(ANY4, src)).unwrap(), source_handler);
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, echo)).unwrap());
+    b.expect_tcp(LO4, src);
+    b.expect_tcp(LO6, echo);
+    let mut clients: Vec<TcpStream> = (0..3)
+        .map(|i| try_connect(sa(if i == 0 { LO6 } else { LO4 }, src)).unwrap())
+        .collect();
+    let mut buf = vec![0u8; 64 * 1024];
+    for c in &mut clients {
+        let mut got = 0;
+        while got < 256 * 1024 {
+            got += c.read(&mut buf).expect("streaming before the kill");
+        }
+    }
+    b.agent().kill9();
+    let killed = Instant::now();
+    // Every client ends with an error (reset) — not a hang, not a clean EOF that would pass for
+    // a complete transfer.
+    let mut outcomes = Vec::new();
+    for c in &mut clients {
+        set_timeouts(c, Duration::from_secs(8));
+        let r = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        outcomes.push((r, killed.elapsed()));
+    }
+    let bad: Vec<_> = outcomes
+        .iter()
+        .filter(|(r, _)| match r {
+            Ok(()) => true,
+            Err(e) => is_timeout(e),
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "after kill -9 of the agent, host clients must get a reset/error, got {outcomes:?}\n{}",
+        b.describe()
+    );
+    // Host listeners go within the heartbeat timeout (3 s; 5 s allowed).
+    for ip in [LO4, LO6] {
+        for p in [src, echo] {
+            if b.wait_tcp_gone(ip, p, Duration::from_secs(5)).is_none() {
+                panic!(
+                    "{} still mirrored 5 s after the agent was killed\n{}",
+                    sa(ip, p),
+                    b.describe()
+                );
+            }
+        }
+    }
+    eprintln!(
+        "after kill -9: client outcomes {outcomes:?}; listeners gone after {:?}",
+        killed.elapsed()
+    );
+    // Restart the agent (stale socket file left by the killed one): everything comes back.
+    b.start_agent();
+    let t = Instant::now();
+    if b.wait_tcp(LO4, echo, Duration::from_secs(10)).is_none() {
+        panic!(
+            "127.0.0.1:{echo} not back 10 s after the agent restarted\n{}",
+            b.describe()
+        );
+    }
+    eprintln!("listeners back {:?} after the agent restarted", t.elapsed());
+    b.expect_tcp(LO6, echo);
+    echo_check(sa(LO4, echo), 6, 100_000).unwrap();
+    echo_check(sa(LO6, echo), 7, 100_000).unwrap();
+}
+
+fn host_addrs(port: u16) -> Vec<std::net::SocketAddr> {
+    let mut v: Vec<_> = tcp_listeners()
+        .into_iter()
+        .filter(|a| a.port() == port)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn forwarder_restart_converges() {
+    if !privileged("forwarder_restart_converges") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    b.expect_tcp(LO6, port);
+    // Graceful stop: exits promptly and frees the ports.
+    let mut old = b.fwd.take().unwrap();
+    let st = old.terminate(Duration::from_secs(3));
+    assert!(
+        st.is_some_and(|s| s.code().is_some()),
+        "forwarder did not exit on SIGTERM within 3 s: {st:?}\n{}",
+        old.describe()
+    );
+    assert!(host_addrs(port).is_empty());
+    for round in 0..3 {
+        b.start_forwarder();
+        b.expect_tcp(LO4, port);
+        b.expect_tcp(LO6, port);
+        std::thread::sleep(Duration::from_millis(300));
+        let want = vec![sa(LO4, port), sa(LO6, port)];
+        assert_eq!(
+            host_addrs(port),
+            want,
+            "round {round}: host listeners\n{}",
+            b.describe()
+        );
+        if let Err(e) = echo_check(sa(LO4, port), round, 50_000) {
+            panic!("round {round}: {e}\n{}", b.describe());
+        }
+        let entries = b.status_entries(port);
+        assert!(
+            !entries.is_empty(),
+            "round {round}: status has no entry for {port}: {:?}",
+            b.status_json()
+        );
+        // Then kill -9 (stale control socket left behind) and start again.
+        b.fwd().kill9();
+    }
+}
+
+#[test]
+fn host_port_taken_then_freed() {
+    if !privileged("host_port_taken_then_freed") {
+        return;
+    }
+    let port = free_port();
+    let blocker = TcpListener::bind(sa(LO4, port)).unwrap();
+    let mut b = Bridge::unix();
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    // [::1] is free: mirrored.
+    b.expect_tcp(LO6, port);
+    echo_check(sa(LO6, port), 1, 10_000).unwrap();
+    let conflict = wait_until(after(Duration::from_secs(5)), || {
+        b.states(port)
+            .iter()
+            .any(|s| s == "conflict" || s == "retrying")
+    });
+    let status = b.status_json();
+    if !conflict {
+        panic!(
+            "host 127.0.0.1:{port} is taken by another process: status should show a conflict for it, got {status:?}\n{}",
+            b.describe()
+        );
+    }
+    eprintln!("status with the port taken: {status:?}");
+    let log = b.fwd().stderr();
+    assert!(
+        log.lines().any(|l| l.contains(&port.to_string())),
+        "the forwarder's log does not mention the taken port {port}:\n{log}"
+    );
+    drop(blocker);
+    let t = Instant::now();
+    if b.wait_tcp(LO4, port, Duration::from_secs(10)).is_none() {
+        panic!(
+            "127.0.0.1:{port} not taken by the forwarder within 10 s of being freed; status {:?}\n{}",
+            b.status_json(),
+            b.describe()
+        );
+    }
+    eprintln!("port taken {:?} after being freed", t.elapsed());
+    echo_check(sa(LO4, port), 2, 10_000).unwrap();
+    let active = wait_until(after(Duration::from_secs(3)), || {
+        let s = b.states(port);
+        !s.is_empty() && s.iter().all(|s| s == "active")
+    });
+    assert!(
+        active,
+        "status should be active for {port} once the port is free: {:?}",
+        b.status_json()
+    );
+}
+
+#[test]
+fn stray_garbage_on_agent_socket_leaves_good_sessions_alone() {
+    if !privileged("stray_garbage_on_agent_socket_leaves_good_sessions_alone") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    // A long transfer runs while the strays come and go.
+    let long = std::thread::spawn(move || echo_check(sa(LO4, port), 11, 8 << 20));
+    let sock = b.dir.join("agent.sock");
+    let mut strays = Vec::new();
+    for i in 0..20u64 {
+        let mut s = UnixStream::connect(&sock).expect("connect to the agent's socket");
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        let junk = match i % 4 {
+            0 => payload(i, 64 * 1024),
+            1 => vec![0xff; 4096],
+            2 => b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            _ => Vec::new(), // connect and stay silent
+        };
+        let _ = s.write_all(&junk);
+        if i % 2 == 0 {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+        strays.push(s);
+    }
+    let r = long.join().unwrap();
+    if let Err(e) = r {
+        panic!("echo during the strays: {e}\n{}", b.describe());
+    }
+    // Still serving: existing and new ports.
+    let p2 = free_port();
+    let _e2 = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, p2)).unwrap());
+    b.expect_tcp(LO4, p2);
+    echo_check(sa(LO4, p2), 12, 100_000).unwrap();
+    echo_check(sa(LO6, port), 13, 100_000).unwrap();
+    assert!(b.agent().is_running(), "agent died\n{}", b.describe());
+    // The agent does not keep the strays forever (handshake timeout): they are closed.
+    let closed = wait_until(after(Duration::from_secs(15)), || {
+        strays.iter_mut().all(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(_) => {}
+                    Err(e) if is_timeout(&e) => return false,
+                    Err(_) => return true,
+                }
+            }
+        })
+    });
+    eprintln!("strays closed by the agent within 15 s: {closed}");
+}
+
+#[test]
+fn wrong_token_gets_no_session_and_a_clear_log_line() {
+    if !privileged("wrong_token_gets_no_session_and_a_clear_log_line") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Tcp).wrong_token().start();
+    let port = free_port();
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    let mirrored = b.wait_tcp(LO4, port, Duration::from_secs(3));
+    let d = b.describe();
+    assert!(mirrored.is_none(), "mirrored despite a wrong token\n{d}");
+    let logs = format!("{}\n{}", b.agent().stderr(), b.fwd().stderr()).to_lowercase();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("token") || l.contains("auth"));
+    assert!(
+        line.is_some(),
+        "no log line mentions the token/authentication failure\n{d}"
+    );
+    eprintln!("log line: {}", line.unwrap());
+    assert!(
+        b.agent().is_running() && b.fwd().is_running(),
+        "a process exited\n{d}"
+    );
+}
+
+/// Refusing to relay a connection to the agent's tcp port without the token: a raw client sees
+/// the connection closed, never a session.
+#[test]
+fn tcp_transport_rejects_tokenless_client() {
+    if !privileged("tcp_transport_rejects_tokenless_client") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Tcp).start();
+    let addr = sa(b.ns.ns_ip().into(), hostnet_e2e::bridge::AGENT_PORT);
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    set_timeouts(&s, Duration::from_secs(15));
+    let _ = s.write_all(&payload(1, 64));
+    let mut buf = [0u8; 1024];
+    let mut total = 0;
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(total),
+            Ok(n) => total += n,
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(
+        !matches!(end, Err(ref e) if is_timeout(e)),
+        "the agent kept a tokenless client open for 15 s\n{}",
+        b.describe()
+    );
+    assert!(
+        total <= 64,
+        "the agent sent {total} bytes to a client that never authenticated"
+    );
+    // And a proper forwarder still gets through.
+    let port = free_port();
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    echo_check(sa(LO4, port), 3, 10_000).unwrap();
+}

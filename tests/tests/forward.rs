@@ -1,0 +1,197 @@
+//! Forward direction over the unix transport: guest servers in the namespace reached from the
+//! host's loopback (the `nc localhost 8000` workflow).
+
+use std::io::{ErrorKind, Read, Write};
+use std::time::{Duration, Instant};
+
+use hostnet_e2e::bridge::Bridge;
+use hostnet_e2e::net::{
+    ANY4, LO4, LO6, TcpServer, echo_on, free_port, sa, tcp_listeners, try_connect,
+};
+use hostnet_e2e::payload::{Verifier, payload};
+use hostnet_e2e::{privileged, raise_nofile, scenario};
+
+#[test]
+fn wildcard_and_loopback_guest_listeners_reach_host_v4_and_v6() {
+    if !privileged("wildcard_and_loopback_guest_listeners_reach_host_v4_and_v6") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    scenario::reach_all(&mut b);
+}
+
+#[test]
+fn sixty_four_mib_both_ways_at_once() {
+    if !privileged("sixty_four_mib_both_ways_at_once") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    scenario::duplex_through(&mut b, LO4, 64 << 20);
+}
+
+#[test]
+fn half_close_both_ways_round() {
+    if !privileged("half_close_both_ways_round") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    scenario::half_close(&mut b);
+}
+
+#[test]
+fn guest_reset_reaches_host_client_as_reset() {
+    if !privileged("guest_reset_reaches_host_client_as_reset") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    scenario::reset_from_guest(&mut b);
+}
+
+#[test]
+fn five_hundred_concurrent_connections() {
+    if !privileged("five_hundred_concurrent_connections") {
+        return;
+    }
+    raise_nofile();
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let _srv = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    const N: usize = 500;
+    const LEN: usize = 2000;
+    let t0 = Instant::now();
+    let mut conns = Vec::with_capacity(N);
+    for i in 0..N {
+        let ip = if i % 2 == 0 { LO4 } else { LO6 };
+        match try_connect(sa(ip, port)) {
+            Ok(s) => conns.push(s),
+            Err(e) => panic!("connection {i} of {N}: {e}\n{}", b.describe()),
+        }
+    }
+    // All open at once: every one sends, then every one reads its echo back.
+    for (i, s) in conns.iter_mut().enumerate() {
+        if let Err(e) = s.write_all(&payload(i as u64, LEN)) {
+            panic!("connection {i}: write: {e}\n{}", b.describe());
+        }
+    }
+    let mut failures = Vec::new();
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut v = Verifier::new(i as u64, format!("connection {i}"));
+        let mut buf = [0u8; LEN];
+        let mut got = 0;
+        while got < LEN {
+            match s.read(&mut buf[..LEN - got]) {
+                Ok(0) => {
+                    failures.push(format!("connection {i}: EOF after {got} bytes"));
+                    break;
+                }
+                Ok(n) => {
+                    if let Err(e) = v.check(&buf[..n]) {
+                        failures.push(e);
+                        break;
+                    }
+                    got += n;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failures.push(format!("connection {i}: read after {got} bytes: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        if let Err(e) = s
+            .shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())
+            .and_then(|_| hostnet_e2e::payload::expect_eof(s, &format!("connection {i}")))
+        {
+            failures.push(e);
+        }
+    }
+    eprintln!("{N} concurrent echo connections: {:?}", t0.elapsed());
+    if !failures.is_empty() {
+        panic!(
+            "{} of {N} connections failed, first: {:?}\n{}",
+            failures.len(),
+            &failures[..failures.len().min(5)],
+            b.describe()
+        );
+    }
+}
+
+/// A host connection to a mirrored port whose guest server has just closed: the agent's connect
+/// is refused, so the host client must see a reset (or, if the host listener is already gone,
+/// a refused connect) — never a clean EOF that looks like an empty answer.
+#[test]
+fn refused_in_guest_resets_host_client() {
+    if !privileged("refused_in_guest_resets_host_client") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let mut resets = 0;
+    let mut refusals = 0;
+    for round in 0..5 {
+        let port = free_port();
+        let mut srv = TcpServer::echo(b.ns.tcp_listener(sa(LO4, port)).unwrap());
+        b.expect_tcp(LO4, port);
+        srv.close();
+        match scenario::connect_raw(sa(LO4, port)) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => refusals += 1,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => resets += 1,
+            Err(e) => panic!("round {round}: connect: {e}"),
+            Ok(mut s) => match scenario::poke(&mut s) {
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => resets += 1,
+                other => panic!(
+                    "round {round}: connection to a mirrored port whose guest server is closed: expected a reset, got {other:?}\n{}",
+                    b.describe()
+                ),
+            },
+        }
+    }
+    eprintln!(
+        "refused guest port: {resets} resets, {refusals} refused connects (listener already gone)"
+    );
+}
+
+/// Listeners appear on the host within 200 ms of the guest binding and disappear within 200 ms
+/// of it closing (asserted with a generous 2 s; the measured times are printed).
+#[test]
+fn discovery_timing() {
+    if !privileged("discovery_timing") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    // Let the link come up first (a first mirrored port).
+    let warm = free_port();
+    let _w = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, warm)).unwrap());
+    b.expect_tcp(LO4, warm);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let port = free_port();
+        let mut srv = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+        let up = b.wait_tcp(LO4, port, Duration::from_secs(2));
+        let Some(up) = up else {
+            panic!("127.0.0.1:{port} not mirrored within 2 s\n{}", b.describe());
+        };
+        let mut s = try_connect(sa(LO6, port)).unwrap();
+        echo_on(&mut s, 9, 1000).unwrap();
+        srv.close();
+        let Some(down) = b.wait_tcp_gone(LO4, port, Duration::from_secs(2)) else {
+            panic!(
+                "127.0.0.1:{port} still listening 2 s after the guest closed; host listeners: {:?}\n{}",
+                tcp_listeners()
+                    .into_iter()
+                    .filter(|a| a.port() == port)
+                    .collect::<Vec<_>>(),
+                b.describe()
+            );
+        };
+        assert!(
+            b.wait_tcp_gone(LO6, port, Duration::from_secs(2)).is_some(),
+            "[::1]:{port} still listening 2 s after the guest closed"
+        );
+        times.push((up, down));
+    }
+    eprintln!("discovery (appear, disappear): {times:?}");
+}

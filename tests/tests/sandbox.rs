@@ -1,0 +1,87 @@
+//! `hostnet-forwarder sandbox`: a real program in a fresh namespace, its port on the host.
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::Duration;
+
+use hostnet_e2e::net::{LO4, free_port, refused, sa, try_connect};
+use hostnet_e2e::process::{Proc, bin};
+use hostnet_e2e::{TempDir, after, privileged, wait_until};
+
+fn http_get(port: u16, path: &str) -> Result<String, String> {
+    let mut s = try_connect(sa(LO4, port)).map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[test]
+fn sandbox_python_http_server_reachable_from_host() {
+    if !privileged("sandbox_python_http_server_reachable_from_host") {
+        return;
+    }
+    let dir = TempDir::new("www").unwrap();
+    let marker = format!("hostnet sandbox marker {}", std::process::id());
+    std::fs::write(dir.join("hello.txt"), &marker).unwrap();
+    let port = free_port();
+    let mut cmd = Command::new(bin("hostnet-forwarder"));
+    cmd.arg("sandbox")
+        .arg("--agent")
+        .arg(bin("hostnet-agent"))
+        .args([
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(dir.path());
+    let mut p = Proc::spawn("hostnet-forwarder sandbox", cmd);
+    let mut last = Err(String::new());
+    let ok = wait_until(after(Duration::from_secs(20)), || {
+        if !p.is_running() {
+            return true;
+        }
+        last = http_get(port, "/hello.txt");
+        last.as_ref().is_ok_and(|r| r.contains(" 200 "))
+    });
+    if !ok || !p.is_running() {
+        panic!(
+            "no page from python3 -m http.server {port} through the sandbox within 20 s; last: {last:?}\n{}",
+            p.describe()
+        );
+    }
+    let page = last.unwrap();
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    assert!(page.contains(&marker), "page body: {page}");
+    // Stopping the sandbox stops everything and frees the port.
+    let st = p.terminate(Duration::from_secs(5));
+    eprintln!("sandbox exit after SIGTERM: {st:?}");
+    assert!(
+        wait_until(after(Duration::from_secs(3)), || refused(sa(LO4, port))),
+        "127.0.0.1:{port} still answers after the sandbox exited"
+    );
+}
+
+#[test]
+fn sandbox_exits_with_the_command_status() {
+    if !privileged("sandbox_exits_with_the_command_status") {
+        return;
+    }
+    let mut cmd = Command::new(bin("hostnet-forwarder"));
+    cmd.arg("sandbox")
+        .arg("--agent")
+        .arg(bin("hostnet-agent"))
+        .args(["--", "sh", "-c", "exit 7"]);
+    let mut p = Proc::spawn("hostnet-forwarder sandbox", cmd);
+    let st = p.wait_exit(Duration::from_secs(15));
+    assert_eq!(
+        st.and_then(|s| s.code()),
+        Some(7),
+        "sandbox should exit with the command's status\n{}",
+        p.describe()
+    );
+}
