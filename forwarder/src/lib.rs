@@ -1,1 +1,307 @@
-//! The hostnet forwarder: mirrors the VM's listening ports onto the host's loopback and the host's into the VM. (being written)
+//! The hostnet forwarder (host side): mirrors the VM's listening ports onto the host's loopback
+//! and relays connections and datagrams into the VM over the link; mirrors the host's
+//! listeners into the VM (reverse direction) and serves the agent's dial-back requests.
+//!
+//! # Module map
+//!
+//! * [`policy`]: the address policy (guest listener → host addresses) and the dial-back target
+//!   check, pure functions.
+//! * [`mirror`]: the forward direction's table of host bindings (plain state; shared bindings,
+//!   states `active` / `conflict` / `retrying`).
+//! * [`listen`]: the shell of one binding: bind with retry and back-off, accept TCP, UDP flow
+//!   table (idle timeout, LRU eviction, counters).
+//! * [`relay`]: one TCP connection over one link stream (half-close, reset, byte counters).
+//! * [`session`]: the control conversation with the agent, heartbeats, reconnection.
+//! * [`reverse`]: the [`reverse::HostListeners`] seam (Linux only so far) and dial-back.
+//! * [`status`]: the status document, its table, the control socket.
+//! * [`sandbox`]: `hostnet-forwarder sandbox`: a command in a new network namespace with an
+//!   agent inside.
+//! * [`cli`]: the command line (the binary is `cli::main`).
+//!
+//! # Use as a library
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use hostnet_forwarder::{Config, Forwarder};
+//! let config = Config::new("unix:///run/hostnet/agent.sock".parse()?);
+//! let fwd = Forwarder::new(config, hostnet_link::transport::Auth::none())?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! fwd.run(shutdown).await;
+//! # Ok(()) }
+//! ```
+
+pub mod cli;
+pub mod ctx;
+pub mod listen;
+pub mod mirror;
+pub mod policy;
+pub mod relay;
+pub mod reverse;
+pub mod sandbox;
+pub mod session;
+pub mod status;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hostnet_link::proto::{Listener, Proto};
+use hostnet_link::transport::{Auth, Connector, Endpoint, TransportError};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::ctx::{Counters, Ctx};
+use crate::mirror::Mirror;
+use crate::relay::Traffic;
+use crate::reverse::HostListeners;
+use crate::status::{Direction, HostAddr, PortRow, SessionStatus, StatusReport};
+
+/// Default idle timeout of a UDP flow.
+pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default limit on UDP flows.
+pub const DEFAULT_MAX_UDP_FLOWS: usize = 4096;
+/// Default limit on concurrent link streams (TCP relays, UDP flows, dial-backs).
+pub const DEFAULT_MAX_STREAMS: usize = 8192;
+
+/// What a forwarder does.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The agent's endpoint.
+    pub guest: Endpoint,
+    /// Extra host addresses to bind for every guest listener (`--expose`).
+    pub expose: Vec<IpAddr>,
+    /// Mirror the host's listeners into the guest and serve dial-backs (unless `--no-reverse`).
+    pub reverse: bool,
+    /// Idle timeout of a UDP flow.
+    pub udp_timeout: Duration,
+    /// Limit on UDP flows (beyond it the least recently used flow of the listener is evicted).
+    pub max_udp_flows: usize,
+    /// Limit on concurrent link streams.
+    pub max_streams: usize,
+}
+
+impl Config {
+    /// Defaults for `guest`.
+    pub fn new(guest: Endpoint) -> Self {
+        Config {
+            guest,
+            expose: Vec::new(),
+            reverse: true,
+            udp_timeout: DEFAULT_UDP_TIMEOUT,
+            max_udp_flows: DEFAULT_MAX_UDP_FLOWS,
+            max_streams: DEFAULT_MAX_STREAMS,
+        }
+    }
+}
+
+/// Errors setting a forwarder up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The endpoint or its credentials are not usable.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The host's listener discovery could not start.
+    #[error("reverse direction: {0} (use --no-reverse to run without it)")]
+    Discovery(#[from] hostnet_link::discovery::Error),
+}
+
+/// State shared by the session and the status server.
+#[derive(Debug)]
+pub struct Inner {
+    ctx: Arc<Ctx>,
+    config: Config,
+    mirror: Mutex<Mirror>,
+    session: Mutex<SessionStatus>,
+    reported: Mutex<BTreeSet<Listener>>,
+    reverse_traffic: Mutex<BTreeMap<(u8, u16), Arc<Traffic>>>,
+    host_listeners: Option<Arc<dyn HostListeners>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    }
+}
+
+impl Inner {
+    fn mirror(&self) -> MutexGuard<'_, Mirror> {
+        lock(&self.mirror)
+    }
+
+    fn session_mut(&self, f: impl FnOnce(&mut SessionStatus)) {
+        f(&mut lock(&self.session));
+    }
+
+    fn reported(&self) -> BTreeSet<Listener> {
+        lock(&self.reported).clone()
+    }
+
+    fn set_reported(&self, set: BTreeSet<Listener>) {
+        *lock(&self.reported) = set;
+    }
+
+    fn reverse_traffic(&self, proto: Proto, port: u16) -> Arc<Traffic> {
+        lock(&self.reverse_traffic)
+            .entry((proto as u8, port))
+            .or_default()
+            .clone()
+    }
+
+    /// The status document.
+    pub fn status(&self) -> StatusReport {
+        let mut ports: Vec<PortRow> = Vec::new();
+        for (guests, b) in self.mirror().bindings() {
+            let key = (proto_name(b.proto), b.host.port());
+            let pos = ports.iter().position(|r| (r.proto.as_str(), r.port) == key);
+            let row = match pos {
+                Some(i) => &mut ports[i],
+                None => {
+                    ports.push(PortRow {
+                        direction: Direction::GuestToHost,
+                        proto: key.0.to_owned(),
+                        port: key.1,
+                        guest: Vec::new(),
+                        host: Vec::new(),
+                        state: "active".into(),
+                        reason: None,
+                        connections: 0,
+                        connections_total: 0,
+                        bytes_to_guest: 0,
+                        bytes_from_guest: 0,
+                    });
+                    ports.last_mut().expect("just pushed")
+                }
+            };
+            for g in guests {
+                let s = std::net::SocketAddr::new(g.addr, g.port).to_string();
+                if !row.guest.contains(&s) {
+                    row.guest.push(s);
+                }
+            }
+            let st = b.state();
+            row.host.push(HostAddr {
+                addr: b.host.to_string(),
+                state: st.name().to_owned(),
+                reason: st.reason().map(str::to_owned),
+            });
+            let t = &b.traffic;
+            row.connections += t.open.load(Ordering::Relaxed);
+            row.connections_total += t.total.load(Ordering::Relaxed);
+            row.bytes_to_guest += t.to_guest.load(Ordering::Relaxed);
+            row.bytes_from_guest += t.from_guest.load(Ordering::Relaxed);
+        }
+        for r in &mut ports {
+            r.summarize();
+        }
+        let reported = self.reported();
+        let mut reverse_rows: BTreeMap<(u8, u16), PortRow> = BTreeMap::new();
+        for l in &reported {
+            let row = reverse_rows
+                .entry((l.proto as u8, l.port))
+                .or_insert_with(|| {
+                    let t = self.reverse_traffic(l.proto, l.port);
+                    PortRow {
+                        direction: Direction::HostToGuest,
+                        proto: proto_name(l.proto).to_owned(),
+                        port: l.port,
+                        guest: Vec::new(),
+                        host: Vec::new(),
+                        state: "reported".into(),
+                        reason: None,
+                        connections: t.open.load(Ordering::Relaxed),
+                        connections_total: t.total.load(Ordering::Relaxed),
+                        bytes_to_guest: t.to_guest.load(Ordering::Relaxed),
+                        bytes_from_guest: t.from_guest.load(Ordering::Relaxed),
+                    }
+                });
+            row.host.push(HostAddr {
+                addr: std::net::SocketAddr::new(l.addr, l.port).to_string(),
+                state: "reported".into(),
+                reason: None,
+            });
+        }
+        ports.extend(reverse_rows.into_values());
+        StatusReport {
+            version: status::STATUS_VERSION,
+            session: lock(&self.session).clone(),
+            ports,
+            counters: self.ctx.counters.view(),
+        }
+    }
+}
+
+/// A forwarder: [`Forwarder::run`] it; [`Forwarder::status`] says what it mirrors.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    inner: Arc<Inner>,
+}
+
+impl Forwarder {
+    /// A forwarder for `config`, with the Linux host listener discovery if `config.reverse`.
+    /// Call inside a tokio runtime.
+    pub fn new(config: Config, auth: Auth) -> Result<Self, SetupError> {
+        let host: Option<Arc<dyn HostListeners>> = if config.reverse {
+            Some(reverse::LinuxHostListeners::start(Default::default())?)
+        } else {
+            None
+        };
+        Self::with_host_listeners(config, auth, host)
+    }
+
+    /// A forwarder with the given host listener source (`None`: no reverse direction).
+    pub fn with_host_listeners(
+        config: Config,
+        auth: Auth,
+        host_listeners: Option<Arc<dyn HostListeners>>,
+    ) -> Result<Self, SetupError> {
+        let connector = Connector::connect(config.guest.clone(), auth)?;
+        let ctx = Arc::new(Ctx {
+            connector,
+            streams: Arc::new(Semaphore::new(config.max_streams)),
+            udp_flows: Default::default(),
+            max_udp_flows: config.max_udp_flows.max(1),
+            udp_timeout: config.udp_timeout,
+            counters: Counters::default(),
+        });
+        let session = SessionStatus {
+            guest: config.guest.to_string(),
+            ..Default::default()
+        };
+        let host_listeners = if config.reverse { host_listeners } else { None };
+        Ok(Forwarder {
+            inner: Arc::new(Inner {
+                ctx,
+                mirror: Mutex::new(Mirror::new(config.expose.clone(), CancellationToken::new())),
+                config,
+                session: Mutex::new(session),
+                reported: Mutex::default(),
+                reverse_traffic: Mutex::default(),
+                host_listeners,
+            }),
+        })
+    }
+
+    /// Runs until `shutdown` is cancelled: sessions with the agent, reconnecting with back-off.
+    /// On return every host listener is closed and open connections are reset.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        session::run(self.inner.clone(), shutdown).await;
+    }
+
+    /// What is mirrored now.
+    pub fn status(&self) -> StatusReport {
+        self.inner.status()
+    }
+
+    /// A status function for [`status::ControlSocket::serve`].
+    pub fn status_fn(&self) -> impl Fn() -> StatusReport + Send + Sync + 'static {
+        let inner = self.inner.clone();
+        move || inner.status()
+    }
+}

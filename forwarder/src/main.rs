@@ -1,3 +1,5 @@
-//! `hostnet-forwarder`
+//! `hostnet-forwarder`: see `hostnet_forwarder::cli`.
 
-fn main() {}
+fn main() -> std::process::ExitCode {
+    hostnet_forwarder::cli::main()
+}

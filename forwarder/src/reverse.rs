@@ -1,0 +1,338 @@
+//! The reverse direction: the host's listeners, reported to the agent, and the dial-back
+//! streams that carry the guest's connections to them.
+//!
+//! [`HostListeners`] is the seam for the host's listener enumeration. Only the Linux one
+//! exists ([`LinuxHostListeners`], netlink sock_diag through `hostnet_link::discovery`); the
+//! macOS (`proc_pidinfo`/`sysctl net.inet.tcp.pcblist_n`) and Windows
+//! (`GetExtendedTcpTable`/`GetExtendedUdpTable`) enumerators are **not done yet**: on those hosts
+//! run with `--no-reverse`. [`StaticHostListeners`] is a fixed, settable set (tests; hosts
+//! without an enumerator).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hostnet_link::discovery::{self, Protocol};
+use hostnet_link::proto::{
+    self, DialBack, Listener, PayloadStream, Proto, RelayStatus, StreamHeader, StreamKind,
+    StreamMode,
+};
+use tokio::io::BufReader;
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::ctx::{Ctx, bump};
+use crate::policy;
+use crate::relay::{self, Counted, OpenGuard, RelayEnd, Traffic};
+
+/// A source of the host's listening sockets (wildcard and loopback ones only), as a set that
+/// changes over time. Implementations must leave out the forwarder's own sockets and the
+/// ports given to [`HostListeners::set_excluded_ports`] (loop prevention).
+pub trait HostListeners: Send + Sync + fmt::Debug {
+    /// The current set, updated as it changes.
+    fn subscribe(&self) -> watch::Receiver<BTreeSet<Listener>>;
+    /// The (protocol, port) pairs never to report: those the forwarder mirrors for the guest.
+    fn set_excluded_ports(&self, ports: BTreeSet<(Protocol, u16)>);
+}
+
+/// A set of listeners and the (protocol, port) pairs left out of it.
+type SetAndExcluded = (BTreeSet<Listener>, BTreeSet<(Protocol, u16)>);
+
+/// A settable set: for tests, and hosts without an enumerator.
+#[derive(Debug)]
+pub struct StaticHostListeners {
+    all: Mutex<SetAndExcluded>,
+    tx: watch::Sender<BTreeSet<Listener>>,
+}
+
+impl StaticHostListeners {
+    /// A source reporting `set`.
+    pub fn new(set: BTreeSet<Listener>) -> Self {
+        let (tx, _) = watch::channel(set.clone());
+        StaticHostListeners {
+            all: Mutex::new((set, BTreeSet::new())),
+            tx,
+        }
+    }
+
+    /// Replaces the set.
+    pub fn set(&self, set: BTreeSet<Listener>) {
+        let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+        all.0 = set;
+        self.publish(&all);
+    }
+
+    fn publish(&self, all: &SetAndExcluded) {
+        let visible = all
+            .0
+            .iter()
+            .filter(|l| !all.1.contains(&(protocol(l.proto), l.port)))
+            .copied()
+            .collect();
+        self.tx.send_replace(visible);
+    }
+}
+
+impl HostListeners for StaticHostListeners {
+    fn subscribe(&self) -> watch::Receiver<BTreeSet<Listener>> {
+        self.tx.subscribe()
+    }
+
+    fn set_excluded_ports(&self, ports: BTreeSet<(Protocol, u16)>) {
+        let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+        all.1 = ports;
+        self.publish(&all);
+    }
+}
+
+/// The Linux host's listeners, from a `hostnet_link::discovery::Watcher` (polls every 50 ms;
+/// leaves out this process's own sockets and UDP sockets on ephemeral ports).
+#[derive(Debug)]
+pub struct LinuxHostListeners {
+    handle: Mutex<discovery::WatcherHandle>,
+    tx: watch::Sender<BTreeSet<Listener>>,
+}
+
+impl LinuxHostListeners {
+    /// Starts the watcher (in the caller's network namespace) and a task that follows it. Call
+    /// inside a tokio runtime.
+    pub fn start(options: discovery::Options) -> Result<Arc<Self>, discovery::Error> {
+        let (handle, mut rx) = discovery::Watcher::spawn(options, discovery::DEFAULT_INTERVAL)?;
+        let (tx, _) = watch::channel(BTreeSet::new());
+        let this = Arc::new(LinuxHostListeners {
+            handle: Mutex::new(handle),
+            tx,
+        });
+        let weak = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            let mut set = discovery::ListenerSet::new();
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    discovery::Event::Snapshot(s) => set = s,
+                    discovery::Event::Changed(d) => set.apply(&d),
+                }
+                let Some(this) = weak.upgrade() else { return };
+                this.tx
+                    .send_replace(set.iter().filter_map(to_proto).collect());
+            }
+        });
+        Ok(this)
+    }
+}
+
+impl HostListeners for LinuxHostListeners {
+    fn subscribe(&self) -> watch::Receiver<BTreeSet<Listener>> {
+        self.tx.subscribe()
+    }
+
+    fn set_excluded_ports(&self, ports: BTreeSet<(Protocol, u16)>) {
+        self.handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_excluded_ports(ports);
+    }
+}
+
+/// A discovered host listener as the protocol reports it, if it is wildcard or loopback.
+pub fn to_proto(l: &discovery::Listener) -> Option<Listener> {
+    if !policy::reportable(l.addr) {
+        return None;
+    }
+    Some(Listener {
+        proto: match l.proto {
+            Protocol::Tcp => Proto::Tcp,
+            Protocol::Udp => Proto::Udp,
+        },
+        addr: l.addr,
+        port: l.port,
+        // An IPv6 socket of unknown v6only is reported v6-only (no IPv4 promised).
+        v6only: l.addr.is_ipv6() && l.v6only.unwrap_or(true),
+    })
+}
+
+/// The discovery protocol of a protocol listener.
+pub fn protocol(p: Proto) -> Protocol {
+    match p {
+        Proto::Tcp => Protocol::Tcp,
+        Proto::Udp => Protocol::Udp,
+    }
+}
+
+async fn connect_target(proto: Proto, addr: SocketAddr) -> std::io::Result<HostConn> {
+    match proto {
+        Proto::Tcp => {
+            let s = tokio::time::timeout(proto::CONNECT_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            let _ = s.set_nodelay(true);
+            Ok(HostConn::Tcp(s))
+        }
+        Proto::Udp => {
+            let local: IpAddr = if addr.is_ipv4() {
+                Ipv4Addr::LOCALHOST.into()
+            } else {
+                Ipv6Addr::LOCALHOST.into()
+            };
+            let s = UdpSocket::bind(SocketAddr::new(local, 0)).await?;
+            s.connect(addr).await?;
+            Ok(HostConn::Udp(s))
+        }
+    }
+}
+
+enum HostConn {
+    Tcp(TcpStream),
+    Udp(UdpSocket),
+}
+
+/// Serves one `DialBack` request: connects to the host target (if it is a reported loopback
+/// listener, else `Forbidden`), opens the `DialBack(id)` stream with the connect's status,
+/// then relays.
+pub async fn serve_dial_back(
+    ctx: Arc<Ctx>,
+    req: DialBack,
+    reported: BTreeSet<Listener>,
+    traffic: Arc<Traffic>,
+    mode: StreamMode,
+    session: CancellationToken,
+) {
+    let permit = ctx.streams.clone().try_acquire_owned().ok();
+    let (status, conn) = match (
+        &permit,
+        policy::dial_back_target(&reported, req.proto, req.target),
+    ) {
+        (None, _) => {
+            bump(&ctx.counters.streams_refused);
+            tracing::warn!("stream limit reached; dial-back refused");
+            (RelayStatus::error("forwarder stream limit reached"), None)
+        }
+        (_, None) => {
+            tracing::warn!(target_addr = %req.target, proto = ?req.proto, "dial-back to an address that is not a reported host listener; forbidden");
+            (RelayStatus::Forbidden, None)
+        }
+        (_, Some(addr)) => match connect_target(req.proto, addr).await {
+            Ok(c) => (RelayStatus::Ok, Some(c)),
+            Err(e) => {
+                tracing::info!(%addr, error = %e, "dial-back connect failed");
+                (RelayStatus::from_connect_error(&e), None)
+            }
+        },
+    };
+    if !status.is_ok() {
+        bump(&ctx.counters.dial_backs_failed);
+    }
+    let opened = async {
+        let mut s = ctx.connector.open().await.map_err(|e| e.to_string())?;
+        proto::write_header(
+            &mut s,
+            &StreamHeader {
+                kind: StreamKind::DialBack(req.id),
+                mode,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        proto::write_status(&mut s, &status)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(s)
+    };
+    let s = match opened.await {
+        Ok(s) => s,
+        Err(e) => {
+            bump(&ctx.counters.link_open_failed);
+            tracing::warn!(error = %e, "cannot open the dial-back stream");
+            if let Some(HostConn::Tcp(t)) = conn {
+                relay::reset_tcp(t);
+            }
+            return;
+        }
+    };
+    let Some(conn) = conn else { return };
+    bump(&ctx.counters.dial_backs);
+    let _open = OpenGuard::new(traffic.clone());
+    let link = PayloadStream::new(s, mode);
+    match conn {
+        HostConn::Tcp(t) => {
+            let t = Counted::new(t, traffic, false);
+            match relay::relay(t, link, &session, relay::reset_tcp).await {
+                RelayEnd::Done(a, b) => {
+                    tracing::debug!(from_guest = b, to_guest = a, "dial-back closed")
+                }
+                RelayEnd::Reset(e) => {
+                    bump(&ctx.counters.relays_reset);
+                    tracing::debug!(error = %e, "dial-back relay failed; both sides reset");
+                }
+                RelayEnd::Cancelled => tracing::debug!("session ended; dial-back reset"),
+            }
+        }
+        HostConn::Udp(u) => udp_dial_back(&ctx, u, link, &traffic, &session).await,
+    }
+}
+
+async fn udp_dial_back(
+    ctx: &Ctx,
+    sock: UdpSocket,
+    link: PayloadStream<hostnet_link::transport::Stream>,
+    traffic: &Traffic,
+    session: &CancellationToken,
+) {
+    use std::sync::atomic::Ordering;
+    let (rd, mut wr) = tokio::io::split(link);
+    let mut rd = BufReader::new(rd);
+    let mut from_guest = Vec::new();
+    let mut from_host = vec![0u8; proto::MAX_DATAGRAM];
+    // One task, one select: reading a datagram from the link is not cancel-safe, so it runs
+    // as its own future next to the socket loop.
+    let (tx_act, mut rx_act) = tokio::sync::mpsc::channel::<()>(1);
+    let down = async {
+        while proto::read_datagram(&mut rd, &mut from_guest).await? {
+            let _ = tx_act.try_send(());
+            traffic
+                .from_guest
+                .fetch_add(from_guest.len() as u64, Ordering::Relaxed);
+            if let Err(e) = sock.send(&from_guest).await {
+                tracing::debug!(error = %e, "UDP send to the host service failed");
+            }
+        }
+        Ok::<_, proto::ProtoError>(())
+    };
+    let up = async {
+        loop {
+            let n = match sock.recv(&mut from_host).await {
+                Ok(n) => n,
+                Err(e) => return Err::<(), std::io::Error>(e),
+            };
+            let _ = tx_act.try_send(());
+            traffic.to_guest.fetch_add(n as u64, Ordering::Relaxed);
+            if let Err(e) = proto::write_datagram(&mut wr, &from_host[..n]).await {
+                return Err(e.into());
+            }
+        }
+    };
+    let idle = async {
+        loop {
+            match tokio::time::timeout(ctx.udp_timeout, rx_act.recv()).await {
+                Ok(Some(())) => {}
+                _ => return,
+            }
+        }
+    };
+    tokio::select! {
+        r = down => if let Err(e) = r { tracing::debug!(error = %e, "UDP dial-back from the guest failed") },
+        r = up => if let Err(e) = r { tracing::debug!(error = %e, "UDP dial-back towards the guest failed") },
+        () = idle => {
+            bump(&ctx.counters.udp_flows_expired);
+            tracing::debug!("UDP dial-back flow idle; closed");
+        }
+        () = session.cancelled() => {}
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        use tokio::io::AsyncWriteExt;
+        wr.shutdown().await
+    })
+    .await;
+}

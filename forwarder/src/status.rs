@@ -1,0 +1,456 @@
+//! `status`: what the running forwarder mirrors, served as JSON on a unix control socket and
+//! printed as a table.
+//!
+//! The control socket (mode 0600) answers every connection with one JSON document
+//! ([`StatusReport`]) followed by a newline, then closes; the client sends nothing. Default
+//! path ([`default_control_path`]): `$XDG_RUNTIME_DIR/hostnet/forwarder.sock`, else
+//! `/run/hostnet/forwarder.sock` as root, else `/tmp/hostnet-forwarder-$UID.sock`.
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::ctx::CountersView;
+
+/// Version of the status document.
+pub const STATUS_VERSION: u32 = 1;
+
+/// Direction of a mirrored port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Direction {
+    /// A guest listener mirrored on the host.
+    #[serde(rename = "guest->host")]
+    GuestToHost,
+    /// A host listener reported to the agent, which mirrors it in the guest.
+    #[serde(rename = "host->guest")]
+    HostToGuest,
+}
+
+impl Direction {
+    fn arrow(self) -> &'static str {
+        match self {
+            Direction::GuestToHost => "guest→host",
+            Direction::HostToGuest => "host→guest",
+        }
+    }
+}
+
+/// One host address of a mirrored port and its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostAddr {
+    /// The host address.
+    pub addr: String,
+    /// `active`, `conflict`, `retrying`, `starting`; `reported` for host→guest rows (the
+    /// forwarder cannot see the agent's bind result).
+    pub state: String,
+    /// Why, for `conflict` and `retrying`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+}
+
+/// One mirrored port (protocol and port, one direction).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRow {
+    /// Which way.
+    pub direction: Direction,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// The port.
+    pub port: u16,
+    /// The guest listeners (guest→host rows).
+    pub guest: Vec<String>,
+    /// The host addresses.
+    pub host: Vec<HostAddr>,
+    /// The worst state of the host addresses (conflict > retrying > starting > active).
+    pub state: String,
+    /// The reason of that state, if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    /// Connections (UDP: flows) open now.
+    pub connections: u64,
+    /// Connections (flows) relayed in total.
+    pub connections_total: u64,
+    /// Bytes from the host side towards the guest.
+    pub bytes_to_guest: u64,
+    /// Bytes from the guest towards the host side.
+    pub bytes_from_guest: u64,
+}
+
+/// The control session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// The agent's endpoint.
+    pub guest: String,
+    /// Whether a session is up.
+    pub connected: bool,
+    /// Whether the reverse direction runs in this session.
+    pub reverse: bool,
+    /// The last session error, if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_error: Option<String>,
+}
+
+/// The whole document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// [`STATUS_VERSION`].
+    pub version: u32,
+    /// The session.
+    pub session: SessionStatus,
+    /// Every mirrored port.
+    pub ports: Vec<PortRow>,
+    /// Counters of limits and failures.
+    pub counters: CountersView,
+}
+
+fn state_rank(s: &str) -> u8 {
+    match s {
+        "conflict" => 3,
+        "retrying" => 2,
+        "starting" => 1,
+        _ => 0,
+    }
+}
+
+impl PortRow {
+    /// Sets `state` and `reason` from the host addresses.
+    pub fn summarize(&mut self) {
+        if let Some(worst) = self.host.iter().max_by_key(|h| state_rank(&h.state)) {
+            self.state = worst.state.clone();
+            self.reason = worst.reason.clone();
+        }
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The table `hostnet-forwarder status` prints.
+pub fn render_table(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let s = &r.session;
+    let _ = writeln!(
+        out,
+        "guest {}: {}{}",
+        s.guest,
+        if s.connected {
+            "connected"
+        } else {
+            "not connected"
+        },
+        s.last_error
+            .as_ref()
+            .filter(|_| !s.connected)
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    );
+    let header = [
+        "DIRECTION",
+        "PROTO",
+        "GUEST",
+        "HOST",
+        "STATE",
+        "CONNS",
+        "TO GUEST",
+        "FROM GUEST",
+    ];
+    let mut rows: Vec<[String; 8]> = Vec::new();
+    for p in &r.ports {
+        let host = p
+            .host
+            .iter()
+            .map(|h| {
+                if p.host.iter().all(|o| o.state == h.state) {
+                    h.addr.clone()
+                } else {
+                    format!("{} ({})", h.addr, h.state)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let state = match &p.reason {
+            Some(reason) => format!("{}: {reason}", p.state),
+            None => p.state.clone(),
+        };
+        let guest = if p.guest.is_empty() {
+            format!("port {}", p.port)
+        } else {
+            p.guest.join(", ")
+        };
+        rows.push([
+            p.direction.arrow().to_owned(),
+            p.proto.clone(),
+            guest,
+            host,
+            state,
+            p.connections.to_string(),
+            human_bytes(p.bytes_to_guest),
+            human_bytes(p.bytes_from_guest),
+        ]);
+    }
+    if rows.is_empty() {
+        out.push_str("no mirrored ports\n");
+    } else {
+        let mut widths = header.map(|h| h.chars().count());
+        for row in &rows {
+            for (w, c) in widths.iter_mut().zip(row) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let mut line = |cells: &[String]| {
+            let mut l = String::new();
+            for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+                if i + 1 == cells.len() {
+                    l.push_str(c);
+                } else {
+                    let pad = w - c.chars().count();
+                    let _ = write!(l, "{c}{}  ", " ".repeat(pad));
+                }
+            }
+            out.push_str(l.trim_end());
+            out.push('\n');
+        };
+        line(&header.map(String::from));
+        for row in &rows {
+            line(row);
+        }
+    }
+    let c = &r.counters;
+    let limits = [
+        ("streams refused (limit)", c.streams_refused),
+        ("UDP flows refused (limit)", c.udp_flows_refused),
+        ("UDP flows evicted", c.udp_flows_evicted),
+        ("datagrams dropped", c.udp_datagrams_dropped),
+        ("link open failures", c.link_open_failed),
+    ];
+    for (name, v) in limits {
+        if v > 0 {
+            let _ = writeln!(out, "{name}: {v}");
+        }
+    }
+    out
+}
+
+/// The default control socket path.
+pub fn default_control_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("hostnet").join("forwarder.sock");
+    }
+    let uid = nix::unistd::Uid::effective();
+    if uid.is_root() {
+        PathBuf::from("/run/hostnet/forwarder.sock")
+    } else {
+        PathBuf::from(format!("/tmp/hostnet-forwarder-{uid}.sock"))
+    }
+}
+
+/// Errors of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another forwarder answers on the path.
+    #[error("control socket {0}: another forwarder is running there (use --control PATH)")]
+    InUse(PathBuf),
+    /// Creating, binding or reading the socket failed.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The forwarder's answer was not a status document.
+    #[error("control socket {path}: bad status document: {source}")]
+    Decode {
+        /// The path.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The listening control socket; removes its file when dropped.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds `path` (mode 0600), creating its directory (0700) if needed; a stale socket file
+    /// (nobody answers) is replaced, a live one is [`ControlError::InUse`].
+    pub fn bind(path: &Path) -> Result<Self, ControlError> {
+        let io_err = |source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(io_err)?;
+            }
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(io_err)?;
+        }
+        // Bind with a restrictive umask-free sequence: bind, then chmod before serving.
+        let listener = UnixListener::bind(path).map_err(io_err)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io_err)?;
+        }
+        Ok(ControlSocket {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answers each connection with `report()` until `shutdown`.
+    pub async fn serve(
+        self,
+        report: impl Fn() -> StatusReport + Send + Sync + 'static,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let conn = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = self.listener.accept() => r,
+            };
+            match conn {
+                Ok((mut s, _)) => {
+                    let mut doc = match serde_json::to_vec(&report()) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot encode the status");
+                            continue;
+                        }
+                    };
+                    doc.push(b'\n');
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                            s.write_all(&doc).await?;
+                            s.shutdown().await
+                        })
+                        .await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads the status from a running forwarder's control socket.
+pub async fn query(path: &Path) -> Result<StatusReport, ControlError> {
+    let io_err = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut s = tokio::time::timeout(std::time::Duration::from_secs(5), UnixStream::connect(path))
+        .await
+        .map_err(|_| io_err(io::ErrorKind::TimedOut.into()))?
+        .map_err(io_err)?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| io_err(io::ErrorKind::TimedOut.into()))?
+        .map_err(io_err)?;
+    serde_json::from_slice(&buf).map_err(|source| ControlError::Decode {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_shows_states_and_reasons() {
+        let mut row = PortRow {
+            direction: Direction::GuestToHost,
+            proto: "tcp".into(),
+            port: 8000,
+            guest: vec!["0.0.0.0:8000".into()],
+            host: vec![
+                HostAddr {
+                    addr: "127.0.0.1:8000".into(),
+                    state: "conflict".into(),
+                    reason: Some("address in use".into()),
+                },
+                HostAddr {
+                    addr: "[::1]:8000".into(),
+                    state: "active".into(),
+                    reason: None,
+                },
+            ],
+            state: String::new(),
+            reason: None,
+            connections: 2,
+            connections_total: 5,
+            bytes_to_guest: 2048,
+            bytes_from_guest: 10,
+        };
+        row.summarize();
+        assert_eq!(row.state, "conflict");
+        let r = StatusReport {
+            version: STATUS_VERSION,
+            session: SessionStatus {
+                guest: "unix:///x".into(),
+                connected: true,
+                ..Default::default()
+            },
+            ports: vec![row],
+            counters: CountersView::default(),
+        };
+        let t = render_table(&r);
+        assert!(t.contains("guest→host"), "{t}");
+        assert!(t.contains("conflict: address in use"), "{t}");
+        assert!(t.contains("127.0.0.1:8000 (conflict)"), "{t}");
+        assert!(t.contains("2.0 KiB"), "{t}");
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"guest->host\""), "{json}");
+        let back: StatusReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+}
