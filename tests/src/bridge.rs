@@ -34,9 +34,16 @@ pub struct BridgeBuilder {
     fwd_args: Vec<String>,
     wrong_token: bool,
     start_forwarder: bool,
+    veth: bool,
 }
 
 impl BridgeBuilder {
+    /// Give the namespace a veth pair even on the unix transport (the benchmark's direct path).
+    pub fn veth(mut self) -> Self {
+        self.veth = true;
+        self
+    }
+
     /// Keep the reverse direction on (the tests turn it off by default: with it, every
     /// forwarder of a parallel test mirrors every other test's host ports into its namespace).
     pub fn reverse(mut self) -> Self {
@@ -68,7 +75,7 @@ impl BridgeBuilder {
 
     pub fn start(self) -> Bridge {
         let ns = match self.transport {
-            Transport::Unix => Netns::new(),
+            Transport::Unix if !self.veth => Netns::new(),
             _ => Netns::with_veth(),
         }
         .unwrap_or_else(|e| panic!("namespace: {e:#}"));
@@ -199,6 +206,7 @@ impl Bridge {
             fwd_args: Vec::new(),
             wrong_token: false,
             start_forwarder: true,
+            veth: false,
         }
     }
 

@@ -1,3 +1,503 @@
-//! The bridge benchmark (being written).
+//! The bridge benchmark: one namespace, three paths to the same servers inside it, side by side
+//! in one run.
+//!
+//! * direct  — host client → the namespace's veth address (the kernel path, the physical limit);
+//! * hostnet — host client → forwarder on 127.0.0.1:P → unix socket → agent → 127.0.0.1:P inside;
+//! * socat   — host client → `socat TCP-LISTEN` on 127.0.0.1:Q → unix socket →
+//!   `socat UNIX-LISTEN` inside → TCP 127.0.0.1:P.
+//!
+//! Figures: TCP bulk (1 and 4 streams), 64-byte request/response latency, connection rate
+//! (connect, 1 byte each way, close), UDP 64-byte packets/s delivered (direct and hostnet),
+//! discovery latency (bind inside → connectable on the host, and close → refused). Each figure is
+//! the median of `--trials` trials, the paths interleaved within a trial. Needs root; run it with
+//! `bench/bridge.sh` (release build). All traffic stays on loopback and the benchmark's own
+//! namespace.
 
-fn main() {}
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use hostnet_e2e::bridge::{Bridge, Transport};
+use hostnet_e2e::net::{ANY4, LO4, TcpServer, free_port, refused, sa};
+use hostnet_e2e::netns::Netns;
+use hostnet_e2e::socat::{self, SocatChain};
+use hostnet_e2e::{TempDir, after, wait_until};
+
+#[derive(Debug, Parser)]
+#[command(about = "hostnet bridge benchmark: direct (veth) vs hostnet (unix transport) vs socat")]
+struct Args {
+    /// Trials per figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    trials: usize,
+    /// Seconds per bulk / UDP trial.
+    #[arg(long, default_value_t = 1.0)]
+    secs: f64,
+    /// Round trips per latency trial.
+    #[arg(long, default_value_t = 2000)]
+    round_trips: usize,
+    /// Connections per connection-rate trial.
+    #[arg(long, default_value_t = 300)]
+    conns: usize,
+    /// Bind/close cycles for discovery latency.
+    #[arg(long, default_value_t = 50)]
+    cycles: usize,
+    /// Skip the socat chain.
+    #[arg(long)]
+    no_socat: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Direct,
+    Hostnet,
+    Socat,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Hostnet => "hostnet",
+            Path::Socat => "socat",
+        }
+    }
+}
+
+/// Where each path reaches a given guest service.
+#[derive(Debug, Clone, Copy)]
+struct Targets {
+    direct: SocketAddr,
+    hostnet: SocketAddr,
+    socat: Option<SocketAddr>,
+}
+
+impl Targets {
+    fn get(&self, p: Path) -> Option<SocketAddr> {
+        match p {
+            Path::Direct => Some(self.direct),
+            Path::Hostnet => Some(self.hostnet),
+            Path::Socat => self.socat,
+        }
+    }
+}
+
+fn nodelay(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+}
+
+/// Reads until EOF, then answers the byte count (8 bytes, little endian).
+fn sink_handler(mut s: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+    let _ = s.write_all(&total.to_le_bytes());
+}
+
+fn echo_nodelay(mut s: TcpStream) {
+    nodelay(&s);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `streams` connections sending for `secs`; Gbit/s acknowledged by the sink.
+fn bulk(to: SocketAddr, streams: usize, secs: f64) -> Result<f64> {
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..streams)
+        .map(|_| {
+            thread::spawn(move || -> Result<u64> {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let buf = vec![0x5au8; 128 * 1024];
+                let end = Instant::now() + Duration::from_secs_f64(secs);
+                let mut sent = 0u64;
+                while Instant::now() < end {
+                    s.write_all(&buf)?;
+                    sent += buf.len() as u64;
+                }
+                s.shutdown(Shutdown::Write)?;
+                let mut ack = [0u8; 8];
+                s.read_exact(&mut ack)
+                    .context("reading the sink's byte count")?;
+                let got = u64::from_le_bytes(ack);
+                if got != sent {
+                    bail!("sink counted {got} bytes, {sent} sent");
+                }
+                Ok(sent)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("bulk thread panicked"))??;
+    }
+    Ok(total as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9)
+}
+
+/// 64-byte round trips on one connection; (p50, p99) in µs.
+fn rr(to: SocketAddr, n: usize) -> Result<(f64, f64)> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    nodelay(&s);
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n + 200 {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        if i >= 200 {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok((pct(&mut lat, 50.0), pct(&mut lat, 99.0)))
+}
+
+/// Connections per second: connect, 1 byte each way, close.
+fn conn_rate(to: SocketAddr, n: usize) -> Result<f64> {
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        nodelay(&s);
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// 64-byte datagrams sent as fast as one thread can for `secs`; (delivered/s, sent/s).
+fn udp_rate(to: SocketAddr, counter: &AtomicU64, secs: f64) -> Result<(f64, f64)> {
+    let s = UdpSocket::bind(sa(LO4, 0)).or_else(|_| UdpSocket::bind(sa(ANY4, 0)))?;
+    let msg = [9u8; 64];
+    // Open the flow first.
+    let start = counter.load(Ordering::Relaxed);
+    if !wait_until(after(Duration::from_secs(3)), || {
+        let _ = s.send_to(&msg, to);
+        thread::sleep(Duration::from_millis(5));
+        counter.load(Ordering::Relaxed) > start
+    }) {
+        bail!("no UDP datagram reached the namespace via {to}");
+    }
+    thread::sleep(Duration::from_millis(50));
+    let before = counter.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        for _ in 0..64 {
+            if s.send_to(&msg, to).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    let el = t0.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_millis(200));
+    let got = counter.load(Ordering::Relaxed) - before;
+    Ok((got as f64 / el, sent as f64 / el))
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    pct(&mut v, 50.0)
+}
+
+/// Discovery: bind inside → connectable on the host; close → refused on the host. Milliseconds.
+fn discovery(ns: &Netns, cycles: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut up = Vec::new();
+    let mut down = Vec::new();
+    for _ in 0..cycles {
+        let port = free_port();
+        let host = sa(LO4, port);
+        let l = ns.tcp_listener(sa(LO4, port))?;
+        let t0 = Instant::now();
+        if !wait_until_fast(t0 + Duration::from_secs(3), || {
+            TcpStream::connect_timeout(&host, Duration::from_millis(200)).is_ok()
+        }) {
+            bail!("{host} not connectable 3 s after binding it in the namespace");
+        }
+        up.push(t0.elapsed().as_secs_f64() * 1e3);
+        drop(l);
+        let t1 = Instant::now();
+        if !wait_until_fast(t1 + Duration::from_secs(3), || refused(host)) {
+            bail!("{host} still connectable 3 s after closing it in the namespace");
+        }
+        down.push(t1.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((up, down))
+}
+
+/// Like `wait_until`, polling every millisecond.
+fn wait_until_fast(deadline: Instant, mut cond: impl FnMut() -> bool) -> bool {
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+struct Row {
+    name: String,
+    unit: &'static str,
+    values: [Option<f64>; 3],
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(x) if x >= 1e5 => format!("{:.0}k", x / 1e3),
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) if x >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the bridge benchmark needs root (network namespaces)");
+    }
+    let use_socat = !args.no_socat && socat::available();
+    if !args.no_socat && !use_socat {
+        bail!("socat is not installed (bench/bridge.sh installs it; or pass --no-socat)");
+    }
+    let bench_start = Instant::now();
+    hostnet_e2e::raise_nofile();
+
+    let mut bridge = Bridge::builder(Transport::Unix).veth().start();
+    let ns_ip = bridge.ns.ns_ip();
+    let (ps, pe, pu) = (free_port(), free_port(), free_port());
+    let _sink = TcpServer::serve(bridge.ns.tcp_listener(sa(ANY4, ps))?, sink_handler);
+    let _echo = TcpServer::serve(bridge.ns.tcp_listener(sa(ANY4, pe))?, echo_nodelay);
+    let udp_count = Arc::new(AtomicU64::new(0));
+    {
+        let sock = bridge.ns.udp_socket(sa(ANY4, pu))?;
+        socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20)?;
+        let c = udp_count.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while sock.recv_from(&mut buf).is_ok() {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    for p in [ps, pe] {
+        if bridge.wait_tcp(LO4, p, Duration::from_secs(10)).is_none() {
+            bail!(
+                "hostnet did not mirror 127.0.0.1:{p} within 10 s\n{}",
+                bridge.describe()
+            );
+        }
+    }
+    if bridge.wait_udp(LO4, pu, Duration::from_secs(10)).is_none() {
+        bail!(
+            "hostnet did not mirror UDP 127.0.0.1:{pu}\n{}",
+            bridge.describe()
+        );
+    }
+    let dir = TempDir::new("bench")?;
+    let (qs, qe) = (free_port(), free_port());
+    let chains = use_socat.then(|| {
+        (
+            SocatChain::start(&bridge.ns, &dir.join("sink.sock"), qs, ps),
+            SocatChain::start(&bridge.ns, &dir.join("echo.sock"), qe, pe),
+        )
+    });
+    let sink = Targets {
+        direct: sa(ns_ip.into(), ps),
+        hostnet: sa(LO4, ps),
+        socat: chains.as_ref().map(|_| sa(LO4, qs)),
+    };
+    let echo = Targets {
+        direct: sa(ns_ip.into(), pe),
+        hostnet: sa(LO4, pe),
+        socat: chains.as_ref().map(|_| sa(LO4, qe)),
+    };
+    let udp = Targets {
+        direct: sa(ns_ip.into(), pu),
+        hostnet: sa(LO4, pu),
+        socat: None,
+    };
+    let paths: Vec<Path> = [Path::Direct, Path::Hostnet, Path::Socat]
+        .into_iter()
+        .filter(|p| *p != Path::Socat || use_socat)
+        .collect();
+
+    // Samples per figure and path.
+    let mut bulk1 = [vec![], vec![], vec![]];
+    let mut bulk4 = [vec![], vec![], vec![]];
+    let mut rr50 = [vec![], vec![], vec![]];
+    let mut rr99 = [vec![], vec![], vec![]];
+    let mut cps = [vec![], vec![], vec![]];
+    let mut pps = [vec![], vec![], vec![]];
+    let mut sent_pps = [vec![], vec![], vec![]];
+    for trial in 0..args.trials {
+        for (i, p) in [Path::Direct, Path::Hostnet, Path::Socat]
+            .iter()
+            .enumerate()
+        {
+            if !paths.contains(p) {
+                continue;
+            }
+            let what = |m: &str| format!("{m} via {} (trial {trial})", p.name());
+            let s = sink.get(*p).unwrap();
+            let e = echo.get(*p).unwrap();
+            bulk1[i].push(bulk(s, 1, args.secs).with_context(|| what("bulk 1"))?);
+            bulk4[i].push(bulk(s, 4, args.secs).with_context(|| what("bulk 4"))?);
+            let (a, b) = rr(e, args.round_trips).with_context(|| what("rr"))?;
+            rr50[i].push(a);
+            rr99[i].push(b);
+            cps[i].push(conn_rate(e, args.conns).with_context(|| what("connection rate"))?);
+            if let Some(u) = udp.get(*p) {
+                let (got, sent) =
+                    udp_rate(u, &udp_count, args.secs).with_context(|| what("udp"))?;
+                pps[i].push(got);
+                sent_pps[i].push(sent);
+            }
+        }
+        eprintln!("trial {} done ({:?})", trial + 1, bench_start.elapsed());
+    }
+    let (mut up, mut down) = discovery(&bridge.ns, args.cycles)?;
+
+    let med = |v: &[Vec<f64>; 3]| -> [Option<f64>; 3] {
+        std::array::from_fn(|i| (!v[i].is_empty()).then(|| median(v[i].clone())))
+    };
+    let only_hostnet = |x: f64| [None, Some(x), None];
+    let rows = vec![
+        Row {
+            name: "TCP bulk, 1 stream".into(),
+            unit: "Gbit/s",
+            values: med(&bulk1),
+        },
+        Row {
+            name: "TCP bulk, 4 streams".into(),
+            unit: "Gbit/s",
+            values: med(&bulk4),
+        },
+        Row {
+            name: "RR 64 B p50".into(),
+            unit: "µs",
+            values: med(&rr50),
+        },
+        Row {
+            name: "RR 64 B p99".into(),
+            unit: "µs",
+            values: med(&rr99),
+        },
+        Row {
+            name: "connections (1 B each way)".into(),
+            unit: "conn/s",
+            values: med(&cps),
+        },
+        Row {
+            name: "UDP 64 B delivered".into(),
+            unit: "pkt/s",
+            values: med(&pps),
+        },
+        Row {
+            name: "UDP 64 B offered".into(),
+            unit: "pkt/s",
+            values: med(&sent_pps),
+        },
+        Row {
+            name: format!("discovery appear p50 ({} cycles)", up.len()),
+            unit: "ms",
+            values: only_hostnet(pct(&mut up, 50.0)),
+        },
+        Row {
+            name: "discovery appear p99".into(),
+            unit: "ms",
+            values: only_hostnet(pct(&mut up, 99.0)),
+        },
+        Row {
+            name: "discovery gone p50".into(),
+            unit: "ms",
+            values: only_hostnet(pct(&mut down, 50.0)),
+        },
+        Row {
+            name: "discovery gone p99".into(),
+            unit: "ms",
+            values: only_hostnet(pct(&mut down, 99.0)),
+        },
+    ];
+
+    println!(
+        "hostnet bridge benchmark: {} trials (median), {} s per bulk/UDP trial, {} round trips, {} connections, {} discovery cycles; {} CPUs; total {:.0} s",
+        args.trials,
+        args.secs,
+        args.round_trips,
+        args.conns,
+        args.cycles,
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        bench_start.elapsed().as_secs_f64()
+    );
+    println!(
+        "| {:<36} | {:>7} | {:>9} | {:>9} | {:>9} | {:>14} | {:>13} |",
+        "figure", "unit", "direct", "hostnet", "socat", "hostnet/direct", "hostnet/socat"
+    );
+    println!(
+        "|{:-<38}|{:-<9}|{:-<11}|{:-<11}|{:-<11}|{:-<16}|{:-<15}|",
+        "", "", "", "", "", "", ""
+    );
+    for r in &rows {
+        let [d, h, s] = r.values;
+        println!(
+            "| {:<36} | {:>7} | {:>9} | {:>9} | {:>9} | {:>14} | {:>13} |",
+            r.name,
+            r.unit,
+            fmt(d),
+            fmt(h),
+            fmt(s),
+            ratio(h, d),
+            ratio(h, s)
+        );
+    }
+    if let [Some(d), Some(h), _] = med(&rr50) {
+        println!("latency overhead hostnet - direct, p50: {:.1} µs", h - d);
+    }
+    drop(chains);
+    Ok(())
+}
