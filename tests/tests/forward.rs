@@ -195,3 +195,79 @@ fn discovery_timing() {
     }
     eprintln!("discovery (appear, disappear): {times:?}");
 }
+
+/// `status --json` describes a mirrored port: direction, proto, guest address, host addresses
+/// with their state, open connections and bytes each way; `status` prints a table with it.
+#[test]
+fn status_reports_a_mirrored_port() {
+    if !privileged("status_reports_a_mirrored_port") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    b.expect_tcp(LO6, port);
+    let mut held = try_connect(sa(LO4, port)).unwrap();
+    held.write_all(&payload(1, 5000)).unwrap();
+    let mut back = [0u8; 5000];
+    held.read_exact(&mut back).unwrap();
+    let v = b.status_json().unwrap();
+    let ports: Vec<&serde_json::Value> = v["ports"]
+        .as_array()
+        .map(|a| a.iter().filter(|p| p["port"] == port).collect())
+        .unwrap_or_default();
+    let d = format!("status: {v}");
+    assert_eq!(ports.len(), 1, "one entry for port {port}: {d}");
+    let p = ports[0];
+    assert_eq!(p["proto"], "tcp", "{d}");
+    assert_eq!(p["direction"], "guest->host", "{d}");
+    assert_eq!(p["state"], "active", "{d}");
+    assert!(
+        p["guest"].to_string().contains(&format!("0.0.0.0:{port}")),
+        "guest address: {d}"
+    );
+    let mut hosts: Vec<String> = p["host"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            format!(
+                "{} {}",
+                h["addr"].as_str().unwrap_or("?"),
+                h["state"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    hosts.sort();
+    assert_eq!(
+        hosts,
+        vec![
+            format!("127.0.0.1:{port} active"),
+            format!("[::1]:{port} active")
+        ],
+        "{d}"
+    );
+    assert_eq!(p["connections"], 1, "one connection open: {d}");
+    assert!(
+        p["bytes_to_guest"].as_u64().unwrap_or(0) >= 5000
+            && p["bytes_from_guest"].as_u64().unwrap_or(0) >= 5000,
+        "bytes each way: {d}"
+    );
+    let table = b.status_text();
+    assert!(
+        table.contains(&port.to_string()) && table.to_lowercase().contains("active"),
+        "status table:\n{table}"
+    );
+    drop(held);
+    let closed = hostnet_e2e::wait_until(hostnet_e2e::after(Duration::from_secs(3)), || {
+        b.status_entries(port)
+            .iter()
+            .any(|e| e.get("connections") == Some(&serde_json::json!(0)))
+    });
+    assert!(
+        closed,
+        "connections back to 0 after close: {:?}",
+        b.status_json()
+    );
+}

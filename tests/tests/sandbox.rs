@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
-use hostnet_e2e::net::{LO4, free_port, refused, sa, try_connect};
+use hostnet_e2e::net::{LO4, LO6, free_port, refused, sa, tcp_listeners, try_connect};
 use hostnet_e2e::process::{Proc, bin};
 use hostnet_e2e::{TempDir, after, privileged, wait_until};
 
@@ -30,6 +30,8 @@ fn sandbox_python_http_server_reachable_from_host() {
     cmd.arg("sandbox")
         .arg("--agent")
         .arg(bin("hostnet-agent"))
+        .arg("--control")
+        .arg(dir.join("control.sock"))
         .args([
             "--",
             "python3",
@@ -54,6 +56,19 @@ fn sandbox_python_http_server_reachable_from_host() {
             p.describe()
         );
     }
+    // Python bound a wildcard inside the namespace; the host only has the forwarder's loopback
+    // mirrors.
+    let mut host: Vec<_> = tcp_listeners()
+        .into_iter()
+        .filter(|a| a.port() == port)
+        .collect();
+    host.sort();
+    assert_eq!(
+        host,
+        vec![sa(LO4, port), sa(LO6, port)],
+        "host listeners on {port}: python must run in the sandbox's namespace, mirrored on loopback\n{}",
+        p.describe()
+    );
     let page = last.unwrap();
     assert!(page.starts_with("HTTP/1.0 200"), "{page}");
     assert!(page.contains(&marker), "page body: {page}");
@@ -71,10 +86,13 @@ fn sandbox_exits_with_the_command_status() {
     if !privileged("sandbox_exits_with_the_command_status") {
         return;
     }
+    let dir = TempDir::new("sandbox").unwrap();
     let mut cmd = Command::new(bin("hostnet-forwarder"));
     cmd.arg("sandbox")
         .arg("--agent")
         .arg(bin("hostnet-agent"))
+        .arg("--control")
+        .arg(dir.join("control.sock"))
         .args(["--", "sh", "-c", "exit 7"]);
     let mut p = Proc::spawn("hostnet-forwarder sandbox", cmd);
     let st = p.wait_exit(Duration::from_secs(15));
