@@ -191,7 +191,7 @@ fn conn_rate(to: SocketAddr, n: usize) -> Result<f64> {
 
 /// 64-byte datagrams sent as fast as one thread can for `secs`; (delivered/s, sent/s).
 fn udp_rate(to: SocketAddr, counter: &AtomicU64, secs: f64) -> Result<(f64, f64)> {
-    let s = UdpSocket::bind(sa(LO4, 0)).or_else(|_| UdpSocket::bind(sa(ANY4, 0)))?;
+    let s = UdpSocket::bind(sa(ANY4, 0))?;
     let msg = [9u8; 64];
     // Open the flow first.
     let start = counter.load(Ordering::Relaxed);
