@@ -27,12 +27,19 @@ struct AgentProc {
     child: Child,
     dir: tempfile::TempDir,
     log: PathBuf,
+    uri: Option<String>,
+    token: Option<PathBuf>,
 }
 
 impl AgentProc {
     /// Starts `hostnet-agent run --listen unix://DIR/agent.sock ARGS` and waits for its
     /// sd_notify READY=1.
     fn start(args: &[&str]) -> Self {
+        Self::start_on(None, args)
+    }
+
+    /// Like [`AgentProc::start`], listening on `listen` instead of the unix socket.
+    fn start_on(listen: Option<&str>, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let notify = dir.path().join("notify.sock");
         let ready = UnixDatagram::bind(&notify).unwrap();
@@ -44,7 +51,7 @@ impl AgentProc {
         let child = Command::new(env!("CARGO_BIN_EXE_hostnet-agent"))
             .arg("run")
             .arg("--listen")
-            .arg(format!("unix://{}", sock.display()))
+            .arg(listen.map_or_else(|| format!("unix://{}", sock.display()), str::to_owned))
             .args(args)
             .env("NOTIFY_SOCKET", &notify)
             .env("RUST_LOG", "debug")
@@ -52,7 +59,13 @@ impl AgentProc {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut me = Self { child, dir, log };
+        let mut me = Self {
+            child,
+            dir,
+            log,
+            uri: None,
+            token: None,
+        };
         let mut buf = [0u8; 256];
         let n = ready.recv(&mut buf).unwrap_or_else(|e| {
             me.dump();
@@ -66,8 +79,15 @@ impl AgentProc {
     }
 
     fn connector(&self) -> Connector {
-        let uri = format!("unix://{}", self.dir.path().join("agent.sock").display());
-        Connector::connect(uri.parse().unwrap(), Auth::none()).unwrap()
+        let uri = self
+            .uri
+            .clone()
+            .unwrap_or_else(|| format!("unix://{}", self.dir.path().join("agent.sock").display()));
+        let auth = match &self.token {
+            Some(t) => Auth::token_file(t).unwrap(),
+            None => Auth::none(),
+        };
+        Connector::connect(uri.parse().unwrap(), auth).unwrap()
     }
 
     fn sock_path(&self) -> PathBuf {
@@ -768,4 +788,225 @@ fn ports_prints_json() {
             .any(|e| e["port"] == port && e["proto"] == "tcp" && e["addr"] == "127.0.0.1"),
         "{v}"
     );
+}
+
+fn free_tcp_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Resets in both directions: a guest server's RST reaches the link as a reset, and a link
+/// reset reaches the guest server as an RST; over unix (framed) and tcp (raw) transports.
+async fn resets_propagate(agent: &AgentProc, mode: StreamMode) {
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let conn = agent.connector();
+    let mut ctl = Ctl::open(&conn, true).await;
+    ctl.wait_guest(STEP, |g| g.contains(&tcp_listener(addr.port())))
+        .await;
+
+    // The guest server resets.
+    let (status, s) = open_relay(&conn, StreamKind::TcpRelay(target(addr)), mode).await;
+    assert_eq!(status, RelayStatus::Ok);
+    let (srv, _) = timeout(STEP, server.accept()).await.unwrap().unwrap();
+    let mut link = PayloadStream::new(s, mode);
+    link.write_all(b"some bytes").await.unwrap();
+    link.flush().await.unwrap();
+    socket2::SockRef::from(&srv)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(srv);
+    let mut sink = Vec::new();
+    let r = timeout(STEP, link.read_to_end(&mut sink)).await.unwrap();
+    assert!(r.is_err(), "the link saw {r:?}, not a reset");
+
+    // The link resets.
+    let (status, s) = open_relay(&conn, StreamKind::TcpRelay(target(addr)), mode).await;
+    assert_eq!(status, RelayStatus::Ok);
+    let (mut srv, _) = timeout(STEP, server.accept()).await.unwrap().unwrap();
+    let mut link = PayloadStream::new(s, mode);
+    link.write_all(b"hello").await.unwrap();
+    link.flush().await.unwrap();
+    let mut five = [0u8; 5];
+    timeout(STEP, srv.read_exact(&mut five))
+        .await
+        .unwrap()
+        .unwrap();
+    match link {
+        PayloadStream::Framed(mut f) => f.reset().await.unwrap(),
+        PayloadStream::Raw(s) => s.reset(),
+    }
+    let mut sink = Vec::new();
+    let r = timeout(STEP, srv.read_to_end(&mut sink)).await.unwrap();
+    assert_eq!(
+        r.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset)
+    );
+}
+
+#[tokio::test]
+async fn resets_propagate_framed_over_unix() {
+    let agent = AgentProc::start(&[]);
+    resets_propagate(&agent, StreamMode::Framed).await;
+}
+
+#[tokio::test]
+async fn resets_propagate_raw_over_tcp_with_a_token() {
+    let port = free_tcp_port("127.0.0.1");
+    let uri = format!("tcp://127.0.0.1:{port}");
+    let token_dir = tempfile::tempdir().unwrap();
+    let token = token_dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let mut agent = AgentProc::start_on(Some(&uri), &["--token-file", token.to_str().unwrap()]);
+    agent.uri = Some(uri.clone());
+    agent.token = Some(token.clone());
+    let mode = StreamMode::for_transport(true, true);
+    assert_eq!(mode, StreamMode::Raw);
+    resets_propagate(&agent, mode).await;
+    // A wrong token gets nothing.
+    let bad = token_dir.path().join("bad");
+    std::fs::write(&bad, "wrong").unwrap();
+    let c = Connector::connect(uri.parse().unwrap(), Auth::token_file(&bad).unwrap()).unwrap();
+    assert!(c.open().await.is_err());
+}
+
+#[tokio::test]
+async fn the_stream_limit_answers_an_error() {
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let agent = AgentProc::start(&["--max-streams", "1"]);
+    let conn = agent.connector();
+    let mut ctl = Ctl::open(&conn, true).await;
+    ctl.wait_guest(STEP, |g| g.contains(&tcp_listener(addr.port())))
+        .await;
+    let mode = StreamMode::Framed;
+    let (status, _held) = open_relay(&conn, StreamKind::TcpRelay(target(addr)), mode).await;
+    assert_eq!(status, RelayStatus::Ok);
+    let (status, _) = open_relay(&conn, StreamKind::TcpRelay(target(addr)), mode).await;
+    assert_eq!(status, RelayStatus::Error(Some("too many streams".into())));
+}
+
+#[tokio::test]
+async fn reverse_udp_flow_dials_back() {
+    let agent = AgentProc::start(&[]);
+    let conn = agent.connector();
+    let mut ctl = Ctl::open(&conn, true).await;
+    ctl.wait_guest(STEP, |_| true).await;
+    let b = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host = Listener {
+        proto: Proto::Udp,
+        ..tcp_listener(b)
+    };
+    ctl.send(ControlMessage::Snapshot(Snapshot {
+        side: Side::Host,
+        seq: 7,
+        listeners: vec![host],
+    }))
+    .await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect((Ipv4Addr::LOCALHOST, b)).await.unwrap();
+    // Datagrams to a port not bound yet are lost: send until the agent asks for a dial-back.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let req = loop {
+        let _ = client.send(b"guest datagram").await;
+        match timeout(Duration::from_millis(50), ctl.rx.recv()).await {
+            Ok(Some(ControlMessage::DialBack(d))) => break d,
+            Ok(Some(_)) | Err(_) => {}
+            Ok(None) => panic!("agent closed the control stream"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dial-back request"
+        );
+    };
+    assert_eq!(req.proto, Proto::Udp);
+    assert_eq!(req.target, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), b));
+    assert_eq!(req.client, client.local_addr().unwrap());
+    let mode = StreamMode::Framed;
+    let mut s = conn.open().await.unwrap();
+    proto::write_header(
+        &mut s,
+        &StreamHeader {
+            kind: StreamKind::DialBack(req.id),
+            mode,
+        },
+    )
+    .await
+    .unwrap();
+    proto::write_status(&mut s, &RelayStatus::Ok).await.unwrap();
+    let mut link = PayloadStream::new(s, mode);
+    let mut buf = Vec::new();
+    assert!(
+        timeout(STEP, proto::read_datagram(&mut link, &mut buf))
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    assert_eq!(buf, b"guest datagram");
+    proto::write_datagram(&mut link, b"host reply")
+        .await
+        .unwrap();
+    let mut got = [0u8; 64];
+    let n = timeout(STEP, client.recv(&mut got)).await.unwrap().unwrap();
+    assert_eq!(&got[..n], b"host reply");
+}
+
+#[tokio::test]
+async fn a_reverse_port_taken_in_the_vm_is_retried_and_guest_ports_are_not_mirrored() {
+    let agent = AgentProc::start(&[]);
+    let conn = agent.connector();
+    let mut ctl = Ctl::open(&conn, true).await;
+    // A guest listener on 127.0.0.1:G: a host listener on [::1]:G must not be mirrored.
+    let guest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let g = guest.local_addr().unwrap().port();
+    ctl.wait_guest(STEP, |l| l.contains(&tcp_listener(g))).await;
+    // Port B is taken (bound, not listening: discovery does not report it).
+    let b = free_tcp_port("127.0.0.1");
+    let taken = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    taken
+        .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, b)).into())
+        .unwrap();
+    let v6 = |port| Listener {
+        addr: "::1".parse().unwrap(),
+        v6only: true,
+        ..tcp_listener(port)
+    };
+    let marker = free_tcp_port("::1");
+    ctl.send(ControlMessage::Snapshot(Snapshot {
+        side: Side::Host,
+        seq: 1,
+        listeners: vec![tcp_listener(b), v6(g), v6(marker)],
+    }))
+    .await;
+    let connectable = |addr: SocketAddr| async move { TcpStream::connect(addr).await.is_ok() };
+    let marker_addr: SocketAddr = format!("[::1]:{marker}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !connectable(marker_addr).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "marker mirror never bound"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let g6: SocketAddr = format!("[::1]:{g}").parse().unwrap();
+    assert!(!connectable(g6).await, "a guest port was mirrored back");
+    let b4 = SocketAddr::from((Ipv4Addr::LOCALHOST, b));
+    assert!(!connectable(b4).await);
+    drop(taken);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !connectable(b4).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed port was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(guest);
 }
