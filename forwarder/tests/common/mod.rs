@@ -48,6 +48,17 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A port free for UDP on both 127.0.0.1 and [::1] right now.
+pub fn free_udp_port() -> u16 {
+    loop {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = a.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("::1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
 /// Whether nothing listens on `addr` (a bind succeeds).
 pub fn bindable(addr: SocketAddr) -> bool {
     let s = socket2::Socket::new(
@@ -115,6 +126,8 @@ pub enum Route {
     To(SocketAddr),
     /// Answer this status.
     Refuse,
+    /// UDP: accept the flow and echo every datagram.
+    UdpEcho,
 }
 
 /// Shared state of the fake agent.
@@ -123,6 +136,7 @@ pub struct AgentState {
     pub listeners: Vec<Listener>,
     pub routes: HashMap<u16, Route>,
     pub seq: u64,
+    pub udp_clients: Vec<SocketAddr>,
 }
 
 /// A fake agent on a unix socket.
@@ -154,6 +168,7 @@ impl FakeAgent {
             listeners,
             routes: routes.into_iter().collect(),
             seq: 1,
+            udp_clients: Vec::new(),
         }));
         let mut listener = LinkListener::bind(
             format!("unix://{}", path.display()).parse().unwrap(),
@@ -207,8 +222,24 @@ impl FakeAgent {
                                 let _ = link.reset_framed().await;
                             }
                         }
-                        StreamKind::UdpFlow(_) => {
-                            let _ = proto::write_status(&mut s, &RelayStatus::Forbidden).await;
+                        StreamKind::UdpFlow(t) => {
+                            if !matches!(
+                                st.lock().unwrap().routes.get(&t.target.port()),
+                                Some(Route::UdpEcho)
+                            ) {
+                                let _ = proto::write_status(&mut s, &RelayStatus::Forbidden).await;
+                                return;
+                            }
+                            st.lock().unwrap().udp_clients.push(t.client);
+                            proto::write_status(&mut s, &RelayStatus::Ok).await.unwrap();
+                            let (rd, mut wr) = tokio::io::split(PayloadStream::new(s, h.mode));
+                            let mut rd = tokio::io::BufReader::new(rd);
+                            let mut buf = Vec::new();
+                            while let Ok(true) = proto::read_datagram(&mut rd, &mut buf).await {
+                                if proto::write_datagram(&mut wr, &buf).await.is_err() {
+                                    return;
+                                }
+                            }
                         }
                         StreamKind::DialBack(id) => {
                             let _ = db_tx.send((id, h.mode, s));
@@ -320,9 +351,19 @@ pub fn forwarder(
     path: &Path,
     host: Option<Arc<dyn hostnet_forwarder::reverse::HostListeners>>,
 ) -> hostnet_forwarder::Forwarder {
+    forwarder_with(path, host, |_| {})
+}
+
+/// A forwarder against `path`, with `tweak` applied to its config.
+pub fn forwarder_with(
+    path: &Path,
+    host: Option<Arc<dyn hostnet_forwarder::reverse::HostListeners>>,
+    tweak: impl FnOnce(&mut hostnet_forwarder::Config),
+) -> hostnet_forwarder::Forwarder {
     let mut config =
         hostnet_forwarder::Config::new(format!("unix://{}", path.display()).parse().unwrap());
     config.reverse = host.is_some();
+    tweak(&mut config);
     hostnet_forwarder::Forwarder::with_host_listeners(config, Auth::none(), host).unwrap()
 }
 
