@@ -26,5 +26,7 @@ if ! command -v socat >/dev/null; then
     fi
 fi
 
-cargo build --release -p hostnet-agent -p hostnet-forwarder -p hostnet-e2e --bin bridge_bench
+# (--bin filters every selected package, so name all three binaries.)
+cargo build --release -p hostnet-agent -p hostnet-forwarder -p hostnet-e2e \
+    --bin hostnet-agent --bin hostnet-forwarder --bin bridge_bench
 exec "$root/target/release/bridge_bench" "$@"

@@ -111,6 +111,18 @@ pub fn echo_on(s: &mut TcpStream, seed: u64, len: usize) -> Result<(), String> {
     expect_eof(s, "after echo")
 }
 
+/// Like [`echo_on`] but leaves the connection open (no half-close).
+pub fn echo_on_open(s: &mut TcpStream, seed: u64, len: usize) -> Result<(), String> {
+    let data = payload(seed, len);
+    s.write_all(&data).map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0; len];
+    s.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+    if back != data {
+        return Err("echo differs".into());
+    }
+    Ok(())
+}
+
 /// Connects to `addr` and does [`echo_on`].
 pub fn echo_check(addr: SocketAddr, seed: u64, len: usize) -> Result<(), String> {
     let mut s = try_connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;

@@ -236,8 +236,9 @@ pub fn connect_raw(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-/// Writes one byte and reads to the end: what a client sees on a dead path.
+/// Writes one byte and reads to the end: what a client sees on a dead path (a write error is
+/// returned as is: it may be the pending reset).
 pub fn poke(s: &mut TcpStream) -> std::io::Result<usize> {
-    let _ = s.write_all(b"?");
+    s.write_all(b"?")?;
     crate::net::read_to_end_or_err(s)
 }

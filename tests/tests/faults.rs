@@ -333,3 +333,91 @@ fn tcp_transport_rejects_tokenless_client() {
     b.expect_tcp(LO4, port);
     echo_check(sa(LO4, port), 3, 10_000).unwrap();
 }
+
+/// A paused VM looks like a stopped agent: the link stays open but goes silent. The forwarder
+/// must notice through the heartbeat timeout (3 s), close the host listeners, and converge again
+/// once the agent runs again.
+#[test]
+fn stopped_agent_hits_heartbeat_timeout_then_recovers() {
+    if !privileged("stopped_agent_hits_heartbeat_timeout_then_recovers") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    let mut held = try_connect(sa(LO4, port)).unwrap();
+    hostnet_e2e::net::echo_on_open(&mut held, 20, 10_000).unwrap();
+    b.agent().signal(nix::sys::signal::Signal::SIGSTOP);
+    let t = Instant::now();
+    let gone = b.wait_tcp_gone(LO4, port, Duration::from_secs(6));
+    // While the agent is still stopped: the connection that was open through the dead link must
+    // have been reset (not closed cleanly: that would look like a complete answer).
+    // (Read without writing first: a write would consume the pending ECONNRESET.)
+    set_timeouts(&held, Duration::from_secs(3));
+    let mut buf = [0u8; 16];
+    let r = held.read(&mut buf);
+    let d = b.describe();
+    b.agent().signal(nix::sys::signal::Signal::SIGCONT);
+    let Some(gone) = gone else {
+        panic!(
+            "127.0.0.1:{port} still mirrored 6 s after the agent stopped (heartbeat timeout is 3 s)\n{d}"
+        );
+    };
+    assert!(
+        gone >= Duration::from_millis(1500),
+        "listeners closed after {gone:?}: faster than a heartbeat timeout could have noticed"
+    );
+    eprintln!(
+        "stopped agent: listeners gone after {:?}; open connection: {r:?}",
+        t.elapsed()
+    );
+    assert!(
+        matches!(r, Err(ref e) if e.kind() == ErrorKind::ConnectionReset),
+        "a connection over the timed-out link should be reset, got {r:?}\n{d}"
+    );
+    if b.wait_tcp(LO4, port, Duration::from_secs(10)).is_none() {
+        panic!(
+            "127.0.0.1:{port} not back 10 s after the agent continued\n{}",
+            b.describe()
+        );
+    }
+    echo_check(sa(LO4, port), 21, 100_000).unwrap();
+}
+
+/// UDP flows expire after the forwarder's `--udp-timeout` idle seconds (counted in its status;
+/// the agent keeps its default, so the forwarder is the side that expires the flow) and a new datagram
+/// after that opens a fresh flow.
+#[test]
+fn udp_flows_expire_when_idle() {
+    if !privileged("udp_flows_expire_when_idle") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Unix)
+        .fwd_args(["--udp-timeout", "1"])
+        .start();
+    let port = free_port();
+    let echo = hostnet_e2e::net::UdpEcho::serve(b.ns.udp_socket(sa(ANY4, port)).unwrap());
+    assert!(
+        b.wait_udp(LO4, port, Duration::from_secs(5)).is_some(),
+        "{}",
+        b.describe()
+    );
+    let c = std::net::UdpSocket::bind(sa(LO4, 0)).unwrap();
+    hostnet_e2e::net::udp_echo_check(&c, sa(LO4, port), b"one", Duration::from_secs(5)).unwrap();
+    let expired = wait_until(after(Duration::from_secs(5)), || {
+        b.status_json()
+            .ok()
+            .and_then(|v| v["counters"]["udp_flows_expired"].as_u64())
+            .is_some_and(|n| n >= 1)
+    });
+    assert!(
+        expired,
+        "no UDP flow expired 5 s after going idle with --udp-timeout 1: {:?}",
+        b.status_json()
+    );
+    hostnet_e2e::net::udp_echo_check(&c, sa(LO4, port), b"two", Duration::from_secs(5)).unwrap();
+    // The guest saw two different flows' source addresses (the agent's sockets) or one reused;
+    // either way every datagram arrived.
+    assert!(echo.count.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+}
