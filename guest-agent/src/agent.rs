@@ -9,6 +9,7 @@ use hostnet_link::discovery::{self, Event, Options, Protocol, Watcher, WatcherHa
 use hostnet_link::proto::{self, DialBackId, ProtoError, StreamKind, StreamMode};
 use hostnet_link::transport::{Listener, Stream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -262,23 +263,22 @@ impl Agent {
 
     /// Accepts streams from every listener until `shutdown` (or the agent's own shutdown) is
     /// cancelled; each stream is handled in its own task. Per-stream failures are logged and
-    /// counted, never end the loop.
-    pub async fn serve(&self, listeners: Vec<Listener>, shutdown: CancellationToken) {
+    /// counted, never end the loop. Returns an error if every listener's accept loop died.
+    /// The listeners are closed (a unix socket file removed) when this returns.
+    pub async fn serve(
+        &self,
+        listeners: Vec<Listener>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
         let tracker = TaskTracker::new();
+        let mut loops = JoinSet::new();
         for mut listener in listeners {
             let shared = self.shared.clone();
-            let shutdown = shutdown.clone();
-            let root = self.shared.root.clone();
             let tasks = tracker.clone();
-            tracker.spawn(async move {
+            loops.spawn(async move {
                 let endpoint = listener.local_endpoint().clone();
                 loop {
-                    let accepted = tokio::select! {
-                        a = listener.accept() => a,
-                        () = shutdown.cancelled() => break,
-                        () = root.cancelled() => break,
-                    };
-                    match accepted {
+                    match listener.accept().await {
                         Ok(stream) => {
                             shared.counters.streams.fetch_add(1, Ordering::Relaxed);
                             tasks.spawn(handle_stream(shared.clone(), stream));
@@ -292,14 +292,27 @@ impl Agent {
             });
         }
         tracker.close();
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = self.shared.root.cancelled() => {}
-        }
+        let result = tokio::select! {
+            () = shutdown.cancelled() => Ok(()),
+            () = self.shared.root.cancelled() => Ok(()),
+            () = async { while loops.join_next().await.is_some() {} } => Err(ServeError::ListenersStopped),
+        };
+        loops.abort_all();
+        while loops.join_next().await.is_some() {}
         if let Some(slot) = lock(&self.shared.session).take() {
             slot.cancel.cancel();
         }
+        tracing::info!(stats = ?self.stats(), "agent stopped serving");
+        result
     }
+}
+
+/// Why [`Agent::serve`] stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Every link listener's accept loop ended.
+    #[error("every link listener stopped accepting")]
+    ListenersStopped,
 }
 
 async fn handle_stream(shared: Arc<Shared>, mut stream: Stream) {

@@ -244,7 +244,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         .context("installing the SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
-    let serve = tokio::spawn({
+    let mut serve = tokio::spawn({
         let agent = agent.clone();
         let shutdown = shutdown.clone();
         async move { agent.serve(listeners, shutdown).await }
@@ -270,6 +270,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
             s = child.wait() => s.context("waiting for the child")?,
             _ = term.recv() => stop_child(&mut child, "SIGTERM").await?,
             _ = int.recv() => stop_child(&mut child, "SIGINT").await?,
+            r = &mut serve => {
+                stop_child(&mut child, "the agent stopped serving").await?;
+                return served(r);
+            }
         };
         tracing::info!(%status, "child exited");
         exit_code(status)
@@ -277,13 +281,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            r = &mut serve => return served(r),
         }
         0
     };
     sys::notify_stopping();
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), serve).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), &mut serve).await;
     Ok(code)
+}
+
+/// The agent stopped serving by itself (its listeners died): an error, so that a supervisor
+/// restarts it.
+fn served(r: Result<Result<(), crate::ServeError>, tokio::task::JoinError>) -> anyhow::Result<u8> {
+    sys::notify_stopping();
+    match r {
+        Ok(Ok(())) => Ok(0),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(anyhow::anyhow!("the serving task failed: {e}")),
+    }
 }
 
 /// Stops the --exec child: SIGTERM, then SIGKILL after a grace period.

@@ -26,4 +26,4 @@ mod relay;
 mod reverse;
 pub mod sys;
 
-pub use agent::{Agent, AgentConfig, StartError, Stats};
+pub use agent::{Agent, AgentConfig, ServeError, StartError, Stats};

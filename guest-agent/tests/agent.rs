@@ -1010,3 +1010,40 @@ async fn a_reverse_port_taken_in_the_vm_is_retried_and_guest_ports_are_not_mirro
     }
     drop(guest);
 }
+
+#[test]
+fn sigterm_stops_the_exec_child_and_the_agent() {
+    let mut agent = AgentProc::start(&["--exec", "--", "sleep", "100"]);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = agent.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "agent did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The child died of SIGTERM: 128 + 15.
+    assert_eq!(status.code(), Some(143));
+}
+
+#[test]
+fn json_logs_are_one_object_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_hostnet-agent"))
+        .args(["run", "--log-format", "json", "--listen"])
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--exec", "--", "true"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stderr).unwrap();
+    assert!(text.lines().count() >= 2, "{text}");
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["level"].is_string(), "{line}");
+    }
+}
