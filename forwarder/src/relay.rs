@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a framed RESET may take to leave before the stream is dropped anyway.
 const RESET_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Copy buffer per direction of a relay (tokio's default of 8 KiB costs bulk throughput: each
+/// read becomes one write, and in framed mode one frame).
+pub const RELAY_BUFFER: usize = 64 * 1024;
 
 /// Bytes each way and connections, per mirrored address; read by `status`.
 #[derive(Debug, Default)]
@@ -197,7 +200,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let res = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut link) => Some(r),
+        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut link, RELAY_BUFFER, RELAY_BUFFER) => Some(r),
         () = cancel.cancelled() => None,
     };
     match res {
