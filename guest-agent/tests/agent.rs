@@ -1047,3 +1047,87 @@ fn json_logs_are_one_object_a_line() {
         assert!(v["level"].is_string(), "{line}");
     }
 }
+
+#[tokio::test]
+async fn host_changes_out_of_sequence_ask_for_a_resync() {
+    let agent = AgentProc::start(&[]);
+    let mut ctl = Ctl::open(&agent.connector(), true).await;
+    ctl.wait_guest(STEP, |_| true).await;
+    ctl.send(ControlMessage::Changes(proto::Changes {
+        side: Side::Host,
+        seq: 5,
+        added: vec![tcp_listener(1)],
+        removed: vec![],
+    }))
+    .await;
+    loop {
+        match ctl.next().await {
+            Some(ControlMessage::Resync(r)) => {
+                assert_eq!(r.side, Side::Host);
+                break;
+            }
+            Some(ControlMessage::Changes(c)) if c.side == Side::Guest => {
+                ctl.guest.apply(&c).unwrap();
+            }
+            other => panic!("expected Resync{{Host}}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn protocol_violations_end_the_session_with_an_error() {
+    let agent = AgentProc::start(&[]);
+    let conn = agent.connector();
+    // A second Hello.
+    let mut ctl = Ctl::open(&conn, true).await;
+    ctl.wait_guest(STEP, |_| true).await;
+    ctl.send(ControlMessage::Hello(ctl.hello.clone())).await;
+    let mut saw_error = false;
+    while let Some(m) = ctl.next().await {
+        match m {
+            ControlMessage::Error(e) => {
+                assert_eq!(e.code, proto::ErrorCode::Protocol);
+                assert!(e.fatal);
+                saw_error = true;
+            }
+            ControlMessage::Changes(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(saw_error);
+
+    // A peer that claims to be an agent.
+    let mut s = conn.open().await.unwrap();
+    let mode = StreamMode::Framed;
+    proto::write_header(
+        &mut s,
+        &StreamHeader {
+            kind: StreamKind::Control,
+            mode,
+        },
+    )
+    .await
+    .unwrap();
+    let mut link = PayloadStream::new(s, mode);
+    let hello = ControlMessage::Hello(Hello {
+        revision: 1,
+        role: Role::Agent,
+        capabilities: vec![],
+        auth: None,
+    });
+    proto::write_control(&mut link, &hello).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(m)) = timeout(STEP, proto::read_control(&mut link)).await.unwrap() {
+        got.push(m);
+    }
+    assert!(
+        matches!(got.first(), Some(ControlMessage::Hello(_))),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|m| matches!(m, ControlMessage::Error(e) if e.fatal)),
+        "{got:?}"
+    );
+    assert!(!got.iter().any(|m| matches!(m, ControlMessage::Snapshot(_))));
+}
