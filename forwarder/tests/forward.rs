@@ -408,3 +408,118 @@ async fn dial_back_is_served_for_reported_host_listeners_only() {
         other => panic!("expected Changes{{Host}}, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_mirrored_for_the_guest_are_never_reported_back_and_resync_answers_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let (echo, _e) = echo_server("127.0.0.1:0").await;
+    let p = free_port();
+    let host_only = Listener {
+        proto: Proto::Tcp,
+        addr: "127.0.0.1".parse().unwrap(),
+        port: 1,
+        v6only: false,
+    };
+    // The host has a listener on P too (as if the forwarder's own mirror were seen).
+    let same = Listener {
+        port: p,
+        ..host_only
+    };
+    let host = Arc::new(StaticHostListeners::new(
+        [host_only, same].into_iter().collect(),
+    ));
+    let mut agent =
+        FakeAgent::start(&path, vec![guest("0.0.0.0", p)], vec![(p, Route::To(echo))]).await;
+    let _fwd = run(forwarder(&path, Some(host.clone())));
+    // Snapshot{Host} (sent right after Hello, before the guest's snapshot arrived), then the
+    // guest's port disappears from the host set as soon as it is mirrored.
+    let mut current: BTreeSet<Listener> = match agent.next_message().await {
+        ControlMessage::Snapshot(s) => {
+            assert_eq!(s.side, Side::Host);
+            s.listeners.into_iter().collect()
+        }
+        other => panic!("expected Snapshot{{Host}}, got {other:?}"),
+    };
+    let mut seq = 1;
+    while current.contains(&same) {
+        match agent.next_message().await {
+            ControlMessage::Changes(c) => {
+                assert_eq!(c.seq, seq + 1);
+                seq = c.seq;
+                for l in &c.removed {
+                    current.remove(l);
+                }
+                current.extend(c.added);
+            }
+            other => panic!("expected Changes{{Host}}, got {other:?}"),
+        }
+    }
+    assert_eq!(current, [host_only].into_iter().collect());
+    agent.send(ControlMessage::Resync(proto::Resync { side: Side::Host }));
+    match agent.next_message().await {
+        ControlMessage::Snapshot(s) => {
+            assert_eq!((s.side, s.seq), (Side::Host, seq));
+            assert_eq!(s.listeners, vec![host_only]);
+        }
+        other => panic!("expected Snapshot{{Host}}, got {other:?}"),
+    }
+    // A dial-back to the excluded port is forbidden.
+    agent.send(ControlMessage::DialBack(DialBack {
+        id: DialBackId(1),
+        proto: Proto::Tcp,
+        target: v4(p),
+        client: "127.0.0.1:5555".parse().unwrap(),
+    }));
+    let (_, _, mut s) = tokio::time::timeout(Duration::from_secs(5), agent.dial_backs.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        proto::read_status(&mut s, proto::STATUS_TIMEOUT)
+            .await
+            .unwrap(),
+        RelayStatus::Forbidden
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_limit_resets_extra_clients_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let (echo, _e) = echo_server("127.0.0.1:0").await;
+    let p = free_port();
+    let _agent = FakeAgent::start(
+        &path,
+        vec![guest("127.0.0.1", p)],
+        vec![(p, Route::To(echo))],
+    )
+    .await;
+    let run = run(forwarder_with(&path, None, |c| c.max_streams = 1));
+    let mut held = eventually(
+        "a relayed connection",
+        Duration::from_secs(5),
+        || async move {
+            let mut s = TcpStream::connect(v4(p)).await.ok()?;
+            s.write_all(b"a").await.ok()?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.ok()?;
+            Some(s)
+        },
+    )
+    .await;
+    // The reset may even arrive before connect() returns.
+    let mut b = [0u8; 1];
+    let e = match TcpStream::connect(v4(p)).await {
+        Ok(mut extra) => tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(run.fwd.status().counters.streams_refused >= 1);
+    held.write_all(b"b").await.unwrap();
+    held.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"b", "the held connection is unaffected");
+}
