@@ -275,10 +275,20 @@ impl Forwarder {
             ..Default::default()
         };
         let host_listeners = if config.reverse { host_listeners } else { None };
+        let ipv6 = policy::host_has_ipv6_loopback();
+        if !ipv6 {
+            tracing::info!(
+                "this host has no IPv6 loopback: guest listeners are mirrored on 127.0.0.1 only"
+            );
+        }
         Ok(Forwarder {
             inner: Arc::new(Inner {
                 ctx,
-                mirror: Mutex::new(Mirror::new(config.expose.clone(), CancellationToken::new())),
+                mirror: Mutex::new(Mirror::new(
+                    config.expose.clone(),
+                    ipv6,
+                    CancellationToken::new(),
+                )),
                 config,
                 session: Mutex::new(session),
                 reported: Mutex::default(),

@@ -120,6 +120,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct Mirror {
     expose: Vec<IpAddr>,
+    ipv6: bool,
     guest: BTreeSet<Listener>,
     entries: BTreeMap<(Proto, SocketAddr), Entry>,
     session: CancellationToken,
@@ -133,10 +134,12 @@ fn proto_key(p: Proto) -> u8 {
 }
 
 impl Mirror {
-    /// An empty table; bindings get child tokens of `session`.
-    pub fn new(expose: Vec<IpAddr>, session: CancellationToken) -> Self {
+    /// An empty table; bindings get child tokens of `session`. Without `ipv6` (the host has no
+    /// IPv6 loopback) `[::1]` host addresses become `127.0.0.1`.
+    pub fn new(expose: Vec<IpAddr>, ipv6: bool, session: CancellationToken) -> Self {
         Mirror {
             expose,
+            ipv6,
             guest: BTreeSet::new(),
             entries: BTreeMap::new(),
             session,
@@ -149,7 +152,11 @@ impl Mirror {
             return Vec::new();
         }
         let mut new = Vec::new();
-        for host in policy::host_addrs(&l, &self.expose) {
+        let mut hosts = policy::host_addrs(&l, &self.expose);
+        if !self.ipv6 {
+            hosts = policy::without_ipv6(hosts);
+        }
+        for host in hosts {
             let key = (l.proto, host);
             match self.entries.get_mut(&key) {
                 Some(e) => {
@@ -279,7 +286,7 @@ mod tests {
     #[test]
     fn wildcards_of_both_families_share_bindings() {
         let session = CancellationToken::new();
-        let mut m = Mirror::new(Vec::new(), session.clone());
+        let mut m = Mirror::new(Vec::new(), true, session.clone());
         let a = m.add(l("0.0.0.0", 80));
         assert_eq!(a.len(), 2);
         assert_eq!(a[0].target(), "0.0.0.0:80".parse().unwrap());
@@ -301,7 +308,7 @@ mod tests {
     #[test]
     fn clear_and_session_cancel_everything() {
         let session = CancellationToken::new();
-        let mut m = Mirror::new(Vec::new(), session.clone());
+        let mut m = Mirror::new(Vec::new(), true, session.clone());
         let a = m.add(l("127.0.0.1", 81));
         let b = m.add(l("::1", 82));
         assert_eq!(m.guest_ports().len(), 2);

@@ -48,6 +48,28 @@ pub fn host_addrs(guest: &Listener, expose: &[IpAddr]) -> Vec<SocketAddr> {
     out.into_iter().collect()
 }
 
+/// [`host_addrs`] on a host without IPv6 loopback: `[::1]` becomes `127.0.0.1` (so a guest
+/// `[::1]:P` is still reachable as `localhost:P`).
+pub fn without_ipv6(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let mut out: BTreeSet<SocketAddr> = BTreeSet::new();
+    for a in addrs {
+        match a.ip() {
+            IpAddr::V6(ip) if ip.is_loopback() => {
+                out.insert(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), a.port()));
+            }
+            _ => {
+                out.insert(a);
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Whether this host can bind `[::1]` (IPv6 may be disabled, e.g. in some containers).
+pub fn host_has_ipv6_loopback() -> bool {
+    std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
 /// Whether a host listener is one the reverse direction reports: wildcard or loopback.
 pub fn reportable(addr: IpAddr) -> bool {
     match addr {
@@ -126,6 +148,14 @@ mod tests {
         assert_eq!(strs(host_addrs(&l("::1", 80), &[])), ["[::1]:80"]);
         assert!(host_addrs(&l("10.0.0.1", 80), &[]).is_empty());
         assert!(host_addrs(&l("fe80::1", 80), &[]).is_empty());
+        assert_eq!(
+            strs(without_ipv6(host_addrs(&l("::1", 80), &[]))),
+            ["127.0.0.1:80"]
+        );
+        assert_eq!(
+            strs(without_ipv6(host_addrs(&l("::", 80), &[]))),
+            ["127.0.0.1:80"]
+        );
     }
 
     #[test]

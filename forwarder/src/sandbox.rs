@@ -92,23 +92,34 @@ impl NsPlan {
         }
     }
 
-    /// Runs in the forked child: async-signal-safe calls only, no allocation.
+    /// Runs in the forked child: async-signal-safe calls only, no allocation. As root without
+    /// the right to make a network namespace (e.g. in a container), falls back to a user
+    /// namespace too.
     fn enter(&self) -> io::Result<()> {
         // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number; no memory is passed.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
         // SAFETY: unshare takes flags only and affects this (child) process alone.
-        if unsafe { libc::unshare(self.flags) } != 0 {
-            return Err(io::Error::last_os_error());
+        if unsafe { libc::unshare(self.flags) } == 0 {
+            return if self.user { self.write_maps() } else { Ok(()) };
         }
-        if self.user {
-            match write_file(c"/proc/self/setgroups", b"deny") {
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                r => r?,
-            }
-            write_file(c"/proc/self/uid_map", self.uid_map.as_bytes())?;
-            write_file(c"/proc/self/gid_map", self.gid_map.as_bytes())?;
+        let err = io::Error::last_os_error();
+        if self.user || err.raw_os_error() != Some(libc::EPERM) {
+            return Err(err);
         }
-        Ok(())
+        // SAFETY: as above.
+        if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } != 0 {
+            return Err(err);
+        }
+        self.write_maps()
+    }
+
+    fn write_maps(&self) -> io::Result<()> {
+        match write_file(c"/proc/self/setgroups", b"deny") {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            r => r?,
+        }
+        write_file(c"/proc/self/uid_map", self.uid_map.as_bytes())?;
+        write_file(c"/proc/self/gid_map", self.gid_map.as_bytes())
     }
 }
 
