@@ -54,15 +54,19 @@ pub fn after(d: Duration) -> Instant {
 /// and returns false.
 pub fn privileged(test: &str) -> bool {
     let skip = std::env::var("HOSTNET_SKIP_PRIVILEGED").is_ok_and(|v| v == "1");
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    let problem = if euid != 0 {
-        Some("not running as root (network namespaces need CAP_SYS_ADMIN)".to_string())
-    } else {
-        netns::probe()
-            .err()
-            .map(|e| format!("`ip netns` does not work here: {e:#}"))
-    };
+    // Probed once per test process.
+    static PROBLEM: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let problem = PROBLEM.get_or_init(|| {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 {
+            Some("not running as root (network namespaces need CAP_SYS_ADMIN)".to_string())
+        } else {
+            netns::probe()
+                .err()
+                .map(|e| format!("`ip netns` does not work here: {e:#}"))
+        }
+    });
     match problem {
         None => true,
         Some(p) if skip => {

@@ -271,3 +271,45 @@ fn status_reports_a_mirrored_port() {
         b.status_json()
     );
 }
+
+/// `hostnet-agent ports --json` inside the namespace lists what discovery sees (wildcard and
+/// loopback listeners, TCP and UDP), and not the veth-bound one.
+#[test]
+fn agent_ports_lists_namespace_listeners() {
+    if !privileged("agent_ports_lists_namespace_listeners") {
+        return;
+    }
+    let ns = hostnet_e2e::netns::Netns::with_veth().unwrap();
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let _t = ns.tcp_listener(sa(ANY4, p1)).unwrap();
+    let _u = ns.udp_socket(sa(LO6, p2)).unwrap();
+    let _v = ns.tcp_listener(sa(ns.ns_ip().into(), p3)).unwrap();
+    let out = ns
+        .command(hostnet_e2e::process::bin("hostnet-agent"))
+        .args(["ports", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ports --json: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let has = |proto: &str, addr: &str, port: u16| {
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|l| l["proto"] == proto && l["addr"] == addr && l["port"] == port)
+        })
+    };
+    assert!(has("tcp", "0.0.0.0", p1), "{v}");
+    assert!(has("udp", "::1", p2), "{v}");
+    assert!(
+        !v.to_string().contains(&format!("\"port\":{p3}")),
+        "a listener on the veth address is not the agent's to report: {v}"
+    );
+}

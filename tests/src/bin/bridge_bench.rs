@@ -32,7 +32,7 @@ use hostnet_e2e::{TempDir, after, wait_until};
 #[command(about = "hostnet bridge benchmark: direct (veth) vs hostnet (unix transport) vs socat")]
 struct Args {
     /// Trials per figure (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     trials: usize,
     /// Seconds per bulk / UDP trial.
     #[arg(long, default_value_t = 1.0)]
@@ -237,9 +237,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn discovery(ns: &Netns, cycles: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut up = Vec::new();
     let mut down = Vec::new();
+    // A random pause before each bind and close, so that they do not stay in phase with the
+    // agent's polling (each cycle otherwise starts right after a poll and measures its worst case).
+    let mut jitter = hostnet_e2e::payload::Prng::new(u64::from(std::process::id()));
+    let mut pause = || thread::sleep(Duration::from_micros(jitter.next_u64() % 60_000));
     for _ in 0..cycles {
         let port = free_port();
         let host = sa(LO4, port);
+        pause();
         let l = ns.tcp_listener(sa(LO4, port))?;
         let t0 = Instant::now();
         if !wait_until_fast(t0 + Duration::from_secs(3), || {
@@ -248,6 +253,7 @@ fn discovery(ns: &Netns, cycles: usize) -> Result<(Vec<f64>, Vec<f64>)> {
             bail!("{host} not connectable 3 s after binding it in the namespace");
         }
         up.push(t0.elapsed().as_secs_f64() * 1e3);
+        pause();
         drop(l);
         let t1 = Instant::now();
         if !wait_until_fast(t1 + Duration::from_secs(3), || refused(host)) {
