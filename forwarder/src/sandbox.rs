@@ -206,6 +206,16 @@ pub async fn run(opts: SandboxOptions) -> anyhow::Result<i32> {
     })?;
     tracing::info!(agent = %agent.display(), socket = %sock.display(), user_namespace = user, "sandbox started");
 
+    // Wait for the agent's socket so the forwarder's first attempt finds it (no warning).
+    let ready = std::time::Instant::now();
+    while !sock.exists() && ready.elapsed() < Duration::from_secs(10) {
+        if let Some(st) = child.try_wait().context("waiting for the agent")? {
+            // The agent failed to start, or the command was over at once: its status either way.
+            tracing::info!(status = %st, "the agent exited before its socket appeared");
+            return Ok(exit_code(st));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut config = opts.config;
     config.guest = format!("unix://{}", sock.display())
         .parse()

@@ -71,7 +71,10 @@ pub async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
             Ok(()) => "the agent closed the session".to_owned(),
             Err(e) => e.to_string(),
         };
-        if established {
+        let clean = matches!(r, Ok(()) | Err(SessionError::Closed));
+        if established && clean {
+            tracing::info!("the agent closed the session; mirrored listeners closed; reconnecting");
+        } else if established {
             tracing::warn!(error = %msg, "session lost; mirrored listeners closed; reconnecting");
         } else if failures == 0 {
             tracing::warn!(error = %msg, "cannot reach the agent; retrying with back-off");
