@@ -16,6 +16,7 @@
 //! * [`status`]: the status document, its table, the control socket.
 //! * [`sandbox`]: `hostnet-forwarder sandbox`: a command in a new network namespace with an
 //!   agent inside.
+//! * [`ctx`]: what every task shares: the connector, the limits, the counters.
 //! * [`cli`]: the command line (the binary is `cli::main`).
 //!
 //! # Use as a library

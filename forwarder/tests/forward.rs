@@ -523,3 +523,48 @@ async fn the_stream_limit_resets_extra_clients_and_counts_them() {
     held.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"b", "the held connection is unaffected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hello_is_a_fatal_protocol_error_then_the_forwarder_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let (echo, _e) = echo_server("127.0.0.1:0").await;
+    let p = free_port();
+    let mut agent = FakeAgent::start(
+        &path,
+        vec![guest("127.0.0.1", p)],
+        vec![(p, Route::To(echo))],
+    )
+    .await;
+    let run = run(forwarder(&path, None));
+    eventually(
+        "the host listener relays",
+        Duration::from_secs(5),
+        || async move { echoes(v4(p)).await.then_some(()) },
+    )
+    .await;
+    agent.send(ControlMessage::Hello(proto::Hello {
+        revision: 1,
+        role: proto::Role::Agent,
+        capabilities: vec![],
+        auth: None,
+    }));
+    match agent.next_message().await {
+        ControlMessage::Error(e) => {
+            assert!(e.fatal);
+            assert_eq!(e.code, proto::ErrorCode::Protocol);
+        }
+        other => panic!("expected Error, got {other:?}"),
+    }
+    eventually("a second session", Duration::from_secs(5), || {
+        let fwd = run.fwd.clone();
+        async move { (fwd.status().counters.sessions >= 2).then_some(()) }
+    })
+    .await;
+    eventually(
+        "the host listener relays again",
+        Duration::from_secs(5),
+        || async move { echoes(v4(p)).await.then_some(()) },
+    )
+    .await;
+}
