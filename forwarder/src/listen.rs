@@ -404,7 +404,8 @@ async fn udp_flow(
                 .from_guest
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
             if let Err(e) = sock.send_to(&buf, client).await {
-                tracing::debug!(error = %e, "reply to the client failed");
+                bump(&ctx.counters.udp_datagrams_dropped);
+                tracing::debug!(error = %e, "reply to the client failed; datagram dropped");
             }
         }
         Ok::<_, proto::ProtoError>(())

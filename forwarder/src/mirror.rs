@@ -148,7 +148,7 @@ impl Mirror {
 
     /// Mirrors a guest listener; returns the new bindings, whose tasks the caller starts.
     pub fn add(&mut self, l: Listener) -> Vec<Arc<Binding>> {
-        if !self.guest.insert(l) {
+        if l.port == 0 || !self.guest.insert(l) {
             return Vec::new();
         }
         let mut new = Vec::new();
