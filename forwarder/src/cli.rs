@@ -192,7 +192,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Status(a) => {
             let path = a.control.unwrap_or_else(status::default_control_path);
-            let report = runtime()?.block_on(status::query(&path))?;
+            let report = runtime()?.block_on(status::query(&path)).context(
+                "no status from a running forwarder (is one running with this --control path?)",
+            )?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -104,7 +104,9 @@ pub enum SetupError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The host's listener discovery could not start.
-    #[error("reverse direction: {0} (use --no-reverse to run without it)")]
+    #[error(
+        "reverse direction: cannot watch this host's listeners (use --no-reverse to run without it)"
+    )]
     Discovery(#[from] hostnet_link::discovery::Error),
 }
 

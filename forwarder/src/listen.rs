@@ -1,5 +1,12 @@
 //! The shell around a [`Binding`]: bind the host socket (retrying while it is taken), accept
 //! TCP connections or UDP flows, relay each over its own link stream.
+//!
+//! UDP: each host socket keeps a table of flows keyed by client address; a flow is one
+//! `UdpFlow` link stream, fed through a bounded queue (a full queue drops the datagram and
+//! counts it). The flow limit is global ([`Ctx::max_udp_flows`]); at the limit a new client
+//! evicts the least recently used flow *of the same host socket*, or is refused (counted, warned
+//! once per episode) when that socket has none. Flows close after the idle timeout, refreshed by
+//! traffic either way.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

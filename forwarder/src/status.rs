@@ -268,22 +268,20 @@ pub enum ControlError {
     #[error("control socket {0}: another forwarder is running there (use --control PATH)")]
     InUse(PathBuf),
     /// Creating, binding or reading the socket failed.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}: {error}")]
     Io {
         /// The path.
         path: PathBuf,
         /// The OS error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The forwarder's answer was not a status document.
-    #[error("control socket {path}: bad status document: {source}")]
+    #[error("control socket {path}: bad status document: {error}")]
     Decode {
         /// The path.
         path: PathBuf,
         /// The parser's error.
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
 }
 
@@ -298,9 +296,9 @@ impl ControlSocket {
     /// Binds `path` (mode 0600), creating its directory (0700) if needed; a stale socket file
     /// (nobody answers) is replaced, a live one is [`ControlError::InUse`].
     pub fn bind(path: &Path) -> Result<Self, ControlError> {
-        let io_err = |source| ControlError::Io {
+        let io_err = |error| ControlError::Io {
             path: path.to_owned(),
-            source,
+            error,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             use std::os::unix::fs::DirBuilderExt;
@@ -382,9 +380,9 @@ impl Drop for ControlSocket {
 
 /// Reads the status from a running forwarder's control socket.
 pub async fn query(path: &Path) -> Result<StatusReport, ControlError> {
-    let io_err = |source| ControlError::Io {
+    let io_err = |error| ControlError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     let mut s = tokio::time::timeout(std::time::Duration::from_secs(5), UnixStream::connect(path))
         .await
@@ -395,9 +393,9 @@ pub async fn query(path: &Path) -> Result<StatusReport, ControlError> {
         .await
         .map_err(|_| io_err(io::ErrorKind::TimedOut.into()))?
         .map_err(io_err)?;
-    serde_json::from_slice(&buf).map_err(|source| ControlError::Decode {
+    serde_json::from_slice(&buf).map_err(|error| ControlError::Decode {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
