@@ -198,7 +198,7 @@ async fn serve_tcp(
             return;
         }
     };
-    let client = Counted::new(client, b.traffic.clone(), true);
+    let client = Counted::new(client, b.traffic.clone());
     match relay::relay(client, link, &session, relay::reset_tcp).await {
         RelayEnd::Done(up, down) => tracing::debug!(to_guest = up, from_guest = down, "closed"),
         RelayEnd::Reset(e) => {

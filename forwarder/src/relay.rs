@@ -52,23 +52,18 @@ impl Drop for OpenGuard {
     }
 }
 
-/// A host-side socket whose reads count as bytes towards the guest and writes as bytes from
-/// it (or the other way round with `reads_to_guest == false`, for dial-back relays).
+/// A host-side socket (a host client, or the host service of a dial-back) whose reads count as
+/// bytes towards the guest and writes as bytes from it.
 #[derive(Debug)]
 pub struct Counted<T> {
     inner: T,
     traffic: Arc<Traffic>,
-    reads_to_guest: bool,
 }
 
 impl<T> Counted<T> {
     /// Wraps `inner`.
-    pub fn new(inner: T, traffic: Arc<Traffic>, reads_to_guest: bool) -> Self {
-        Counted {
-            inner,
-            traffic,
-            reads_to_guest,
-        }
+    pub fn new(inner: T, traffic: Arc<Traffic>) -> Self {
+        Counted { inner, traffic }
     }
 
     /// The socket.
@@ -77,8 +72,7 @@ impl<T> Counted<T> {
     }
 
     fn count(&self, read: bool, n: usize) {
-        let to_guest = read == self.reads_to_guest;
-        let c = if to_guest {
+        let c = if read {
             &self.traffic.to_guest
         } else {
             &self.traffic.from_guest

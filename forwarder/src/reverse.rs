@@ -257,7 +257,7 @@ pub async fn serve_dial_back(
     let link = PayloadStream::new(s, mode);
     match conn {
         HostConn::Tcp(t) => {
-            let t = Counted::new(t, traffic, false);
+            let t = Counted::new(t, traffic);
             match relay::relay(t, link, &session, relay::reset_tcp).await {
                 RelayEnd::Done(a, b) => {
                     tracing::debug!(from_guest = b, to_guest = a, "dial-back closed")
