@@ -100,13 +100,20 @@ async fn refused_status_resets_the_client() {
         (!bindable(v4(p))).then_some(())
     })
     .await;
-    let mut s = TcpStream::connect(v4(p)).await.unwrap();
-    let mut b = [0u8; 8];
-    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
-        .await
-        .expect("an answer within 5 s");
-    let e = r.expect_err("a reset, not data or EOF");
+    let e = reset_error(v4(p)).await;
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+}
+
+/// Connects and reads: the error (the reset may even arrive before connect() returns).
+async fn reset_error(addr: SocketAddr) -> std::io::Error {
+    let mut b = [0u8; 8];
+    match TcpStream::connect(addr).await {
+        Ok(mut s) => tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("an answer within 5 s")
+            .expect_err("a reset, not data or EOF"),
+        Err(e) => e,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,16 +515,9 @@ async fn the_stream_limit_resets_extra_clients_and_counts_them() {
         },
     )
     .await;
-    // The reset may even arrive before connect() returns.
-    let mut b = [0u8; 1];
-    let e = match TcpStream::connect(v4(p)).await {
-        Ok(mut extra) => tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b))
-            .await
-            .unwrap()
-            .unwrap_err(),
-        Err(e) => e,
-    };
+    let e = reset_error(v4(p)).await;
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    let mut b = [0u8; 1];
     assert!(run.fwd.status().counters.streams_refused >= 1);
     held.write_all(b"b").await.unwrap();
     held.read_exact(&mut b).await.unwrap();
