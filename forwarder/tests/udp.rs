@@ -20,9 +20,18 @@ fn udp_guest(addr: &str, port: u16) -> Listener {
 /// Sends `msg` from `s` to `to` until the echo arrives (a datagram may race the host socket's
 /// bind); returns the source address of the reply.
 async fn echo_once(s: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Option<SocketAddr> {
+    echo_within(s, to, msg, Duration::from_millis(300)).await
+}
+
+async fn echo_within(
+    s: &UdpSocket,
+    to: SocketAddr,
+    msg: &[u8],
+    wait: Duration,
+) -> Option<SocketAddr> {
     s.send_to(msg, to).await.ok()?;
     let mut buf = [0u8; 2048];
-    let (n, from) = tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf))
+    let (n, from) = tokio::time::timeout(wait, s.recv_from(&mut buf))
         .await
         .ok()?
         .ok()?;
@@ -42,7 +51,7 @@ async fn udp_flows_reply_to_the_right_client_from_the_targeted_address_and_expir
     )
     .await;
     let fwd = forwarder_with(&path, None, |c| {
-        c.udp_timeout = Duration::from_secs(1);
+        c.udp_timeout = Duration::from_secs(3);
         c.max_udp_flows = 3;
     });
     let shutdown = CancellationToken::new();
@@ -76,7 +85,8 @@ async fn udp_flows_reply_to_the_right_client_from_the_targeted_address_and_expir
     for round in 0..5 {
         for (i, (s, target)) in clients.iter().enumerate() {
             let msg = format!("client {i} round {round}");
-            assert!(echo_once(s, *target, msg.as_bytes()).await.is_some());
+            let got = echo_within(s, *target, msg.as_bytes(), Duration::from_secs(3)).await;
+            assert!(got.is_some(), "no echo for {msg}");
         }
     }
     {
@@ -96,8 +106,8 @@ async fn udp_flows_reply_to_the_right_client_from_the_targeted_address_and_expir
     })
     .await;
     assert!(fwd.status().counters.udp_flows_evicted >= 1);
-    // Idle flows expire (timeout 1 s here).
-    eventually("flows expired", Duration::from_secs(5), || {
+    // Idle flows expire (timeout 3 s here).
+    eventually("flows expired", Duration::from_secs(10), || {
         let fwd = fwd.clone();
         async move {
             let st = fwd.status();
@@ -109,5 +119,9 @@ async fn udp_flows_reply_to_the_right_client_from_the_targeted_address_and_expir
     assert!(fwd.status().counters.udp_flows_expired >= 1);
     // A new datagram after expiry opens a fresh flow.
     let (s, target) = &clients[0];
-    assert!(echo_once(s, *target, b"again").await.is_some());
+    assert!(
+        echo_within(s, *target, b"again", Duration::from_secs(3))
+            .await
+            .is_some()
+    );
 }
