@@ -39,8 +39,16 @@ pub fn free_port() -> u16 {
     for _ in 0..12_000 {
         let off = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = 20_000 + (base - 20_000 + off) % 12_000;
+        // A bound, non-listening TCP socket: a listening probe would be visible (briefly) to
+        // every reverse-mode forwarder of a parallel test.
         let free = [LO4, LO6].iter().all(|ip| {
-            TcpListener::bind(sa(*ip, port)).is_ok() && UdpSocket::bind(sa(*ip, port)).is_ok()
+            let tcp = socket2::Socket::new(
+                socket2::Domain::for_address(sa(*ip, port)),
+                socket2::Type::STREAM,
+                None,
+            )
+            .and_then(|s| s.bind(&sa(*ip, port).into()));
+            tcp.is_ok() && UdpSocket::bind(sa(*ip, port)).is_ok()
         });
         if free {
             return port;
@@ -460,6 +468,32 @@ pub fn tcp_listeners() -> Vec<SocketAddr> {
 /// Bound, unconnected UDP addresses in the calling thread's namespace.
 pub fn udp_bound() -> Vec<SocketAddr> {
     proc_sockets("udp", "07")
+}
+
+/// `ss` lines (with owning processes) for every socket on `port` in the calling thread's
+/// namespace: for failure messages.
+pub fn who_has(port: u16) -> String {
+    std::process::Command::new("ss")
+        .args(["-Htanup"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains(&format!(":{port} ")))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_else(|e| format!("ss: {e}"))
+}
+
+/// Binds a TCP listener on the host, panicking with who holds the port when it is taken.
+pub fn host_listener(addr: SocketAddr) -> TcpListener {
+    TcpListener::bind(addr).unwrap_or_else(|e| {
+        panic!(
+            "bind {addr} on the host: {e}; sockets on that port:\n{}",
+            who_has(addr.port())
+        )
+    })
 }
 
 #[cfg(test)]
