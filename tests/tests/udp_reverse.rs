@@ -242,3 +242,44 @@ fn reverse_mirror_is_not_reflected_back() {
         "the reverse mirror of {port} stayed in the namespace after the host closed it\n{d}"
     );
 }
+
+/// Short-lived host listeners (a port probed, a server restarting): once gone from the host,
+/// nothing may take their port on the host — a reverse mirror in the namespace outliving the
+/// host listener must not be reported back as a guest listener and mirrored onto the host.
+#[test]
+fn short_lived_host_listeners_are_not_reflected_back() {
+    if !privileged("short_lived_host_listeners_are_not_reflected_back") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Unix).reverse().start();
+    // The link is up once a guest-only port is mirrored.
+    let marker = free_port();
+    let _m = TcpServer::echo(b.ns.tcp_listener(sa(LO4, marker)).unwrap());
+    b.expect_tcp(LO4, marker);
+    let mut reflected = Vec::new();
+    for round in 0..8u64 {
+        let port = free_port();
+        let l = hostnet_e2e::net::host_listener(sa(LO4, port));
+        std::thread::sleep(Duration::from_millis(40 + 20 * round));
+        drop(l);
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_millis(400) {
+            let on_host: Vec<_> = tcp_listeners()
+                .into_iter()
+                .filter(|a| a.port() == port)
+                .collect();
+            if !on_host.is_empty() {
+                reflected.push((round, port, on_host, hostnet_e2e::net::who_has(port)));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    if !reflected.is_empty() {
+        panic!(
+            "{} of 8 short-lived host listeners came back onto the host after closing (a loop through the namespace): {reflected:?}\n{}",
+            reflected.len(),
+            b.describe()
+        );
+    }
+}
