@@ -35,9 +35,16 @@ pub struct BridgeBuilder {
     wrong_token: bool,
     start_forwarder: bool,
     veth: bool,
+    expose_veth: bool,
 }
 
 impl BridgeBuilder {
+    /// `--expose` the host end of the veth pair (tcp/quic transports, or with [`Self::veth`]).
+    pub fn expose_veth(mut self) -> Self {
+        self.expose_veth = true;
+        self
+    }
+
     /// Give the namespace a veth pair even on the unix transport (the benchmark's direct path).
     pub fn veth(mut self) -> Self {
         self.veth = true;
@@ -80,6 +87,11 @@ impl BridgeBuilder {
         }
         .unwrap_or_else(|e| panic!("namespace: {e:#}"));
         let dir = TempDir::new("bridge").expect("temp dir");
+        let mut fwd_args = self.fwd_args;
+        if self.expose_veth {
+            let v = ns.veth().expect("--expose of the veth needs a veth pair");
+            fwd_args.extend(["--expose".to_string(), v.host_ip.to_string()]);
+        }
         let (agent_uri, guest_uri) = match self.transport {
             Transport::Unix => {
                 let u = format!("unix://{}", dir.join("agent.sock").display());
@@ -143,7 +155,7 @@ impl BridgeBuilder {
             control,
             reverse: self.reverse,
             agent_args: self.agent_args,
-            fwd_args: self.fwd_args,
+            fwd_args,
             dir,
             old_logs: String::new(),
         };
@@ -207,6 +219,7 @@ impl Bridge {
             wrong_token: false,
             start_forwarder: true,
             veth: false,
+            expose_veth: false,
         }
     }
 

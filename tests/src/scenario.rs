@@ -242,3 +242,61 @@ pub fn poke(s: &mut TcpStream) -> std::io::Result<usize> {
     s.write_all(b"?")?;
     crate::net::read_to_end_or_err(s)
 }
+
+/// A host client that resets its connection (SO_LINGER 0): the guest server must see a reset,
+/// not a clean EOF.
+pub fn reset_from_host(b: &mut Bridge) {
+    let port = free_port();
+    let seen: Arc<Mutex<Option<std::io::Result<usize>>>> = Arc::default();
+    let s2 = seen.clone();
+    let _srv = TcpServer::serve(b.ns.tcp_listener(sa(ANY4, port)).unwrap(), move |mut s| {
+        set_timeouts(&s, Duration::from_secs(5));
+        let mut buf = [0u8; 5];
+        let r = s
+            .read_exact(&mut buf)
+            .and_then(|_| crate::net::read_to_end_or_err(&mut s));
+        *s2.lock().unwrap() = Some(r);
+    });
+    b.expect_tcp(LO4, port);
+    let mut c = try_connect(sa(LO4, port)).unwrap();
+    c.write_all(b"hello").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    crate::net::set_linger_zero(&c);
+    drop(c);
+    let done = wait_until(after(Duration::from_secs(5)), || {
+        seen.lock().unwrap().is_some()
+    });
+    let r = seen.lock().unwrap().take();
+    match r {
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "host client reset its connection; the guest server should see ECONNRESET, got {other:?} (finished: {done})\n{}",
+            b.describe()
+        ),
+    }
+}
+
+/// UDP datagrams of edge sizes (empty, 1 byte, 1472, 9000, 60000) echoed through the bridge.
+pub fn udp_sizes(b: &mut Bridge) {
+    let port = free_port();
+    let _echo = UdpEcho::serve(b.ns.udp_socket(sa(ANY4, port)).unwrap());
+    if b.wait_udp(LO4, port, Duration::from_secs(5)).is_none() {
+        panic!("UDP 127.0.0.1:{port} not mirrored\n{}", b.describe());
+    }
+    let c = UdpSocket::bind(sa(LO4, 0)).unwrap();
+    socket2::SockRef::from(&c)
+        .set_recv_buffer_size(1 << 20)
+        .unwrap();
+    // A first datagram sets the flow up.
+    udp_echo_check(&c, sa(LO4, port), b"warm-up", Duration::from_secs(5)).unwrap();
+    let mut errors = Vec::new();
+    for len in [1usize, 1472, 9000, 60_000, 0] {
+        let data = crate::payload::payload(len as u64, len);
+        if let Err(e) = udp_echo_check(&c, sa(LO4, port), &data, Duration::from_secs(3)) {
+            errors.push(format!("{len}-byte datagram: {e}"));
+        }
+    }
+    if !errors.is_empty() {
+        panic!("UDP sizes: {errors:?}\n{}", b.describe());
+    }
+}

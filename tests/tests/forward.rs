@@ -313,3 +313,52 @@ fn agent_ports_lists_namespace_listeners() {
         "a listener on the veth address is not the agent's to report: {v}"
     );
 }
+
+#[test]
+fn host_reset_reaches_guest_server_as_reset() {
+    if !privileged("host_reset_reaches_guest_server_as_reset") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    scenario::reset_from_host(&mut b);
+}
+
+#[test]
+fn udp_datagram_sizes() {
+    if !privileged("udp_datagram_sizes") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    scenario::udp_sizes(&mut b);
+}
+
+/// `--deny` on the agent: the port is neither reported nor relayed; `--allow`: only those.
+#[test]
+fn agent_allow_and_deny() {
+    if !privileged("agent_allow_and_deny") {
+        return;
+    }
+    let (p_ok, p_denied, p_outside) = (free_port(), free_port(), free_port());
+    let mut b = Bridge::builder(hostnet_e2e::bridge::Transport::Unix)
+        .agent_args([
+            "--allow".to_string(),
+            format!("{p_ok},{p_denied}"),
+            "--deny".to_string(),
+            p_denied.to_string(),
+        ])
+        .start();
+    let _a = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, p_ok)).unwrap());
+    let _b = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, p_denied)).unwrap());
+    let _c = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, p_outside)).unwrap());
+    b.expect_tcp(LO4, p_ok);
+    hostnet_e2e::net::echo_check(sa(LO4, p_ok), 1, 1000).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let host = tcp_listeners();
+    for p in [p_denied, p_outside] {
+        assert!(
+            !host.iter().any(|a| a.port() == p),
+            "port {p} mirrored despite --allow {p_ok},{p_denied} --deny {p_denied}\n{}",
+            b.describe()
+        );
+    }
+}

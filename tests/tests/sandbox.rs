@@ -103,3 +103,53 @@ fn sandbox_exits_with_the_command_status() {
         p.describe()
     );
 }
+
+/// The other way round: a host server on 127.0.0.1 is reachable from the sandboxed command via
+/// its own localhost; the sandbox exits with the command's status (0 once the echo came back).
+#[test]
+fn sandbox_command_reaches_host_server_via_localhost() {
+    if !privileged("sandbox_command_reaches_host_server_via_localhost") {
+        return;
+    }
+    let port = free_port();
+    let _srv = hostnet_e2e::net::TcpServer::echo(hostnet_e2e::net::host_listener(sa(LO4, port)));
+    let dir = TempDir::new("sandbox").unwrap();
+    let script = format!(
+        r#"
+import socket, sys, time
+end = time.time() + 8
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", {port}), timeout=2)
+        s.sendall(b"ping from the sandbox")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        sys.exit(0 if data == b"ping from the sandbox" else 3)
+    except OSError as e:
+        if time.time() > end:
+            print("cannot reach the host server:", e, file=sys.stderr)
+            sys.exit(4)
+        time.sleep(0.05)
+"#
+    );
+    let mut cmd = Command::new(bin("hostnet-forwarder"));
+    cmd.arg("sandbox")
+        .arg("--agent")
+        .arg(bin("hostnet-agent"))
+        .arg("--control")
+        .arg(dir.join("control.sock"))
+        .args(["--", "python3", "-c", &script]);
+    let mut p = Proc::spawn("hostnet-forwarder sandbox", cmd);
+    let st = p.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        st.and_then(|s| s.code()),
+        Some(0),
+        "the sandboxed command could not echo through the host server on 127.0.0.1:{port}\n{}",
+        p.describe()
+    );
+}

@@ -2,7 +2,7 @@
 //! agent listening on the namespace's end of a veth pair.
 
 use hostnet_e2e::bridge::{Bridge, Transport};
-use hostnet_e2e::net::LO6;
+use hostnet_e2e::net::{ANY4, LO4, LO6, TcpServer, echo_check, free_port, sa};
 use hostnet_e2e::{privileged, scenario};
 
 fn all_over(t: Transport, test: &str) {
@@ -25,4 +25,40 @@ fn tcp_transport_scenarios() {
 #[test]
 fn quic_transport_scenarios() {
     all_over(Transport::Quic, "quic_transport_scenarios");
+}
+
+#[test]
+fn host_reset_and_udp_sizes_over_tcp() {
+    if !privileged("host_reset_and_udp_sizes_over_tcp") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Tcp).start();
+    scenario::reset_from_host(&mut b);
+    scenario::udp_sizes(&mut b);
+}
+
+#[test]
+fn host_reset_and_udp_sizes_over_quic() {
+    if !privileged("host_reset_and_udp_sizes_over_quic") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Quic).start();
+    scenario::reset_from_host(&mut b);
+    scenario::udp_sizes(&mut b);
+}
+
+/// `--expose ADDR` binds the mirrored port on that host address as well (here the host end of
+/// the veth pair), and the port is reachable there.
+#[test]
+fn expose_binds_an_extra_host_address() {
+    if !privileged("expose_binds_an_extra_host_address") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Tcp).expose_veth().start();
+    let host_ip = b.ns.veth().unwrap().host_ip;
+    let port = free_port();
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    b.expect_tcp(host_ip.into(), port);
+    echo_check(sa(host_ip.into(), port), 5, 10_000).unwrap();
 }
