@@ -283,3 +283,111 @@ fn short_lived_host_listeners_are_not_reflected_back() {
         );
     }
 }
+
+/// Reverse direction data path: 16 MiB both ways at once with checksums from a namespace client
+/// to a host server, and a host server's reset seen as a reset inside.
+#[test]
+fn reverse_bulk_and_reset() {
+    if !privileged("reverse_bulk_and_reset") {
+        return;
+    }
+    use hostnet_e2e::net::{Outcome, duplex, duplex_handler};
+    let mut b = Bridge::builder(Transport::Unix).reverse().start();
+    let (pd, pr) = (free_port(), free_port());
+    let outcome: Outcome = Default::default();
+    let len = 16u64 << 20;
+    let _d = TcpServer::serve(
+        hostnet_e2e::net::host_listener(sa(LO4, pd)),
+        duplex_handler(500, len, outcome.clone()),
+    );
+    let _r = TcpServer::serve(hostnet_e2e::net::host_listener(sa(LO4, pr)), |mut s| {
+        use std::io::Read;
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf);
+        hostnet_e2e::net::set_linger_zero(&s);
+    });
+    let ok = wait_until(after(Duration::from_secs(5)), || {
+        let l = b.ns.run(tcp_listeners);
+        l.contains(&sa(LO4, pd)) && l.contains(&sa(LO4, pr))
+    });
+    assert!(
+        ok,
+        "host ports not mirrored into the namespace\n{}",
+        b.describe()
+    );
+    let s = b.ns_connect(sa(LO4, pd)).unwrap();
+    hostnet_e2e::net::set_timeouts(&s, Duration::from_secs(30));
+    let client = duplex(s, 500, 501, len, "namespace client");
+    let server_done = wait_until(after(Duration::from_secs(10)), || {
+        !outcome.lock().unwrap().is_empty()
+    });
+    let server = outcome.lock().unwrap().first().cloned();
+    if client.is_err() || !server_done || server.as_ref().is_some_and(|r| r.is_err()) {
+        panic!(
+            "reverse duplex: client {client:?}, server {server:?}\n{}",
+            b.describe()
+        );
+    }
+    let mut c = b.ns_connect(sa(LO4, pr)).unwrap();
+    use std::io::Write;
+    let r = c
+        .write_all(b"hello")
+        .and_then(|_| hostnet_e2e::net::read_to_end_or_err(&mut c));
+    assert!(
+        matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "host server reset; the namespace client should see ECONNRESET, got {r:?}\n{}",
+        b.describe()
+    );
+}
+
+/// The agent's side of the lifecycle: when the forwarder dies or goes silent, the reverse
+/// mirrors in the namespace go (heartbeat timeout for a silent one), and come back when a
+/// forwarder connects again.
+#[test]
+fn reverse_mirrors_follow_the_forwarder() {
+    if !privileged("reverse_mirrors_follow_the_forwarder") {
+        return;
+    }
+    let port = free_port();
+    let _srv = TcpServer::echo(hostnet_e2e::net::host_listener(sa(LO4, port)));
+    let mut b = Bridge::builder(Transport::Unix).reverse().start();
+    let in_ns = |b: &Bridge| b.ns.run(tcp_listeners).contains(&sa(LO4, port));
+    assert!(
+        wait_until(after(Duration::from_secs(5)), || in_ns(&b)),
+        "not mirrored into the namespace\n{}",
+        b.describe()
+    );
+    // Silent forwarder (SIGSTOP): the agent's heartbeat timeout removes the mirrors.
+    b.fwd().signal(nix::sys::signal::Signal::SIGSTOP);
+    let t = std::time::Instant::now();
+    let gone = wait_until(after(Duration::from_secs(6)), || !in_ns(&b));
+    let el = t.elapsed();
+    b.fwd().signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        gone,
+        "reverse mirror still in the namespace 6 s after the forwarder stopped\n{}",
+        b.describe()
+    );
+    eprintln!("reverse mirror gone {el:?} after the forwarder stopped");
+    // It comes back (the forwarder reconnects), then a killed forwarder removes it at once,
+    // and a new forwarder brings it back.
+    assert!(
+        wait_until(after(Duration::from_secs(10)), || in_ns(&b)),
+        "reverse mirror not back after SIGCONT\n{}",
+        b.describe()
+    );
+    b.fwd().kill9();
+    assert!(
+        wait_until(after(Duration::from_secs(4)), || !in_ns(&b)),
+        "reverse mirror still in the namespace 4 s after the forwarder was killed\n{}",
+        b.describe()
+    );
+    b.start_forwarder();
+    assert!(
+        wait_until(after(Duration::from_secs(10)), || in_ns(&b)),
+        "reverse mirror not back with a new forwarder\n{}",
+        b.describe()
+    );
+    let mut s = b.ns_connect(sa(LO4, port)).unwrap();
+    echo_on(&mut s, 3, 10_000).unwrap();
+}
