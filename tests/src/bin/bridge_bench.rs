@@ -120,6 +120,25 @@ fn echo_nodelay(mut s: TcpStream) {
     }
 }
 
+/// CPU seconds (user + system, with reaped children) of the processes `pids`, from /proc.
+fn cpu_secs(pids: &[i32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|st| {
+            // Fields after the parenthesised command name: utime, stime, cutime, cstime are
+            // fields 14-17 overall, i.e. 12-15 after it.
+            let rest = st.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect();
+            f.get(11..15).map_or(0.0, |v| v.iter().sum::<f64>()) / hz
+        })
+        .sum()
+}
+
 /// `streams` connections sending for `secs`; Gbit/s acknowledged by the sink.
 fn bulk(to: SocketAddr, streams: usize, secs: f64) -> Result<f64> {
     let t0 = Instant::now();
@@ -380,6 +399,20 @@ fn main() -> Result<()> {
     let mut cps = [vec![], vec![], vec![]];
     let mut pps = [vec![], vec![], vec![]];
     let mut sent_pps = [vec![], vec![], vec![]];
+    // Relay CPU (ms) per GB moved in the 1-stream bulk trials: forwarder + agent, socat x2.
+    let mut cpu_gb = [vec![], vec![], vec![]];
+    let relay_pids: [Vec<i32>; 3] = [
+        vec![],
+        [bridge.agent.as_ref(), bridge.fwd.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|p| p.pid().as_raw())
+            .collect(),
+        chains
+            .as_ref()
+            .map(|(a, _)| vec![a.host.pid().as_raw(), a.guest.pid().as_raw()])
+            .unwrap_or_default(),
+    ];
     for trial in 0..args.trials {
         for (i, p) in [Path::Direct, Path::Hostnet, Path::Socat]
             .iter()
@@ -391,7 +424,14 @@ fn main() -> Result<()> {
             let what = |m: &str| format!("{m} via {} (trial {trial})", p.name());
             let s = sink.get(*p).unwrap();
             let e = echo.get(*p).unwrap();
-            bulk1[i].push(bulk(s, 1, args.secs).with_context(|| what("bulk 1"))?);
+            let c0 = cpu_secs(&relay_pids[i]);
+            let t0 = Instant::now();
+            let g = bulk(s, 1, args.secs).with_context(|| what("bulk 1"))?;
+            let gb = g * t0.elapsed().as_secs_f64() / 8.0;
+            if !relay_pids[i].is_empty() {
+                cpu_gb[i].push((cpu_secs(&relay_pids[i]) - c0) * 1e3 / gb);
+            }
+            bulk1[i].push(g);
             bulk4[i].push(bulk(s, 4, args.secs).with_context(|| what("bulk 4"))?);
             let (a, b) = rr(e, args.round_trips).with_context(|| what("rr"))?;
             rr50[i].push(a);
@@ -417,6 +457,11 @@ fn main() -> Result<()> {
             name: "TCP bulk, 1 stream".into(),
             unit: "Gbit/s",
             values: med(&bulk1),
+        },
+        Row {
+            name: "relay CPU per GB, bulk 1 stream".into(),
+            unit: "ms",
+            values: med(&cpu_gb),
         },
         Row {
             name: "TCP bulk, 4 streams".into(),
