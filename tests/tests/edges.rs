@@ -1,0 +1,200 @@
+//! Edge cases of the address policy, limits and backpressure (unix transport).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use hostnet_e2e::bridge::{Bridge, Transport};
+use hostnet_e2e::net::{
+    ANY4, ANY6, LO4, LO6, TcpServer, echo_check, free_port, read_tag, sa, set_timeouts,
+    tag_handler, tcp_listeners, try_connect,
+};
+use hostnet_e2e::{after, privileged, wait_until};
+
+/// A guest `[::]:P` socket with IPV6_V6ONLY: mirrored on both host loopbacks (policy), and a
+/// host client over 127.0.0.1 must still reach it (the agent dials ::1, the only loopback the
+/// guest socket accepts).
+#[test]
+fn v6only_wildcard_guest_reached_from_host_127() {
+    if !privileged("v6only_wildcard_guest_reached_from_host_127") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let l = b.ns.run(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        s.set_only_v6(true).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&sa(ANY6, port).into()).unwrap();
+        s.listen(128).unwrap();
+        std::net::TcpListener::from(s)
+    });
+    let _srv = TcpServer::echo(l);
+    b.expect_tcp(LO6, port);
+    if let Err(e) = echo_check(sa(LO6, port), 1, 10_000) {
+        panic!("via [::1]: {e}\n{}", b.describe());
+    }
+    // 127.0.0.1 is mirrored too (policy for [::]); when it is, it must work.
+    if b.wait_tcp(LO4, port, Duration::from_secs(1)).is_some() {
+        if let Err(e) = echo_check(sa(LO4, port), 2, 10_000) {
+            panic!(
+                "guest [::]:{port} (v6only) mirrored on 127.0.0.1:{port}, but a client there fails: {e}\n{}",
+                b.describe()
+            );
+        }
+    }
+}
+
+/// Different guest servers on 127.0.0.1:P and [::1]:P: each host loopback reaches its own.
+#[test]
+fn separate_v4_and_v6_loopback_guest_servers() {
+    if !privileged("separate_v4_and_v6_loopback_guest_servers") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let _v4 = TcpServer::serve(b.ns.tcp_listener(sa(LO4, port)).unwrap(), tag_handler("v4"));
+    let _v6 = TcpServer::serve(b.ns.tcp_listener(sa(LO6, port)).unwrap(), tag_handler("v6"));
+    b.expect_tcp(LO4, port);
+    b.expect_tcp(LO6, port);
+    std::thread::sleep(Duration::from_millis(300));
+    let t4 = read_tag(sa(LO4, port));
+    let t6 = read_tag(sa(LO6, port));
+    let d = b.describe();
+    assert_eq!(t4.as_deref(), Ok("v4"), "host 127.0.0.1:{port}\n{d}");
+    assert_eq!(t6.as_deref(), Ok("v6"), "host [::1]:{port}\n{d}");
+}
+
+/// 100 guest listeners appearing at once are all mirrored promptly, and all go when closed.
+#[test]
+fn hundred_ports_at_once() {
+    if !privileged("hundred_ports_at_once") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let ports: Vec<u16> = (0..100).map(|_| free_port()).collect();
+    let listeners: Vec<_> = ports
+        .iter()
+        .map(|p| b.ns.tcp_listener(sa(ANY4, *p)).unwrap())
+        .collect();
+    let want: Vec<SocketAddr> = ports
+        .iter()
+        .flat_map(|p| [sa(LO4, *p), sa(LO6, *p)])
+        .collect();
+    let t = Instant::now();
+    let all = wait_until(after(Duration::from_secs(5)), || {
+        let h = tcp_listeners();
+        want.iter().all(|a| h.contains(a))
+    });
+    if !all {
+        let h = tcp_listeners();
+        let missing: Vec<_> = want.iter().filter(|a| !h.contains(a)).collect();
+        panic!(
+            "{} of 200 host listeners missing after 5 s: {:?}...\n{}",
+            missing.len(),
+            &missing[..missing.len().min(5)],
+            b.describe()
+        );
+    }
+    eprintln!("100 ports mirrored in {:?}", t.elapsed());
+    drop(listeners);
+    let t = Instant::now();
+    let gone = wait_until(after(Duration::from_secs(5)), || {
+        let h = tcp_listeners();
+        !want.iter().any(|a| h.contains(a))
+    });
+    assert!(
+        gone,
+        "host listeners left 5 s after closing 100 guest ports\n{}",
+        b.describe()
+    );
+    eprintln!("100 ports removed in {:?}", t.elapsed());
+}
+
+/// A guest server that never reads: the host client can only write a bounded amount (socket
+/// buffers along the path), the relays do not buffer without limit.
+#[test]
+fn backpressure_bounds_buffering() {
+    if !privileged("backpressure_bounds_buffering") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let _srv = TcpServer::serve(b.ns.tcp_listener(sa(ANY4, port)).unwrap(), |s| {
+        std::thread::sleep(Duration::from_secs(6));
+        drop(s);
+    });
+    b.expect_tcp(LO4, port);
+    let mut c = try_connect(sa(LO4, port)).unwrap();
+    c.set_nonblocking(true).unwrap();
+    let buf = vec![0u8; 256 * 1024];
+    let mut total = 0usize;
+    let mut last_progress = Instant::now();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4)
+        && last_progress.elapsed() < Duration::from_millis(800)
+    {
+        match c.write(&buf) {
+            Ok(n) => {
+                total += n;
+                last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("write: {e}\n{}", b.describe()),
+        }
+    }
+    eprintln!(
+        "a never-reading guest server absorbed {} MiB before the host client blocked",
+        total >> 20
+    );
+    assert!(
+        total < 128 << 20,
+        "{} MiB accepted for a guest server that never reads: the relays buffer without bound\n{}",
+        total >> 20,
+        b.describe()
+    );
+}
+
+/// Agent `--max-streams 3`: a 4th concurrent connection is refused with a reset (not a hang),
+/// and once one closes a new one works.
+#[test]
+fn agent_stream_limit() {
+    if !privileged("agent_stream_limit") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Unix)
+        .agent_args(["--max-streams", "3"])
+        .start();
+    let port = free_port();
+    let _srv = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..3 {
+        let mut s = try_connect(sa(LO4, port)).unwrap();
+        if let Err(e) = hostnet_e2e::net::echo_on_open(&mut s, i, 100) {
+            panic!("connection {i} within the limit: {e}\n{}", b.describe());
+        }
+        held.push(s);
+    }
+    let mut extra = try_connect(sa(LO4, port)).unwrap();
+    set_timeouts(&extra, Duration::from_secs(5));
+    let _ = extra.write_all(b"x");
+    let mut one = [0u8; 1];
+    let r = extra.read(&mut one);
+    assert!(
+        matches!(r, Err(ref e) if e.kind() == ErrorKind::ConnectionReset),
+        "4th connection over --max-streams 3 should be reset, got {r:?}\n{}",
+        b.describe()
+    );
+    drop(held.pop());
+    let ok = wait_until(after(Duration::from_secs(3)), || {
+        echo_check(sa(LO4, port), 9, 100).is_ok()
+    });
+    assert!(
+        ok,
+        "no connection possible after one of 3 closed\n{}",
+        b.describe()
+    );
+}
