@@ -13,8 +13,20 @@
 //!   messages, killed and reaped on drop; locating the binaries Cargo built.
 //! * [`net`] — TCP/UDP servers (echo, duplex, tagged, reset), client helpers, free ports.
 //! * [`socat`] — the socat chain (host TCP → unix → namespace TCP) the benchmark compares with.
+//! * [`scenario`] — scenarios shared by the test files, run over whichever transport a test picks.
 //! * [`bridge`] — [`bridge::Bridge`], an agent in a namespace plus a forwarder on the host over a
 //!   chosen transport, with `status --json` helpers.
+//!
+//! Test files (`tests/tests/`): `forward` (the `nc localhost 8000` workflow: policy, 64 MiB both
+//! ways, 500 connections, half-close, resets, refused, discovery timing, status), `udp_reverse`
+//! (UDP both ways, the reverse direction, loops), `faults` (kill -9, SIGSTOP, restarts, conflicts,
+//! stray clients, tokens, UDP expiry), `transports` (tcp and quic), `edges` (v6only, limits,
+//! backpressure, 100 ports), `sandbox`, `harness`. The benchmark is `src/bin/bridge_bench.rs`, run
+//! by `bench/bridge.sh`.
+//!
+//! Environment: `HOSTNET_SKIP_PRIVILEGED=1` skips the namespace tests when they cannot run;
+//! `HOSTNET_E2E_LOG=debug` sets `RUST_LOG` for the agent and the forwarder; `HOSTNET_BIN_DIR`
+//! points at other binaries than Cargo's.
 //!
 //! The namespace tests need root. [`privileged`] decides: without root (or when `ip netns` fails)
 //! it panics, unless `HOSTNET_SKIP_PRIVILEGED=1`, in which case it prints a note and the test
