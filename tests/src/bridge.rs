@@ -74,6 +74,13 @@ impl BridgeBuilder {
         self
     }
 
+    /// quic transport only: the forwarder pins a certificate that is not the agent's (and the
+    /// agent pins the forwarder's real one).
+    pub fn wrong_cert(mut self) -> Self {
+        self.wrong_token = true;
+        self
+    }
+
     /// Start only the agent.
     pub fn without_forwarder(mut self) -> Self {
         self.start_forwarder = false;
@@ -128,6 +135,13 @@ impl BridgeBuilder {
                 let f = dir.join("fwd-tls");
                 keygen(&a);
                 keygen(&f);
+                let pinned = if self.wrong_token {
+                    let o = dir.join("other-tls");
+                    keygen(&o);
+                    o
+                } else {
+                    a.clone()
+                };
                 agent_auth = vec![
                     "--tls-dir".into(),
                     a.display().to_string(),
@@ -138,7 +152,7 @@ impl BridgeBuilder {
                     "--tls-dir".into(),
                     f.display().to_string(),
                     "--peer-cert".into(),
-                    a.join("cert.der").display().to_string(),
+                    pinned.join("cert.der").display().to_string(),
                 ];
             }
         }

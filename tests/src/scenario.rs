@@ -151,7 +151,7 @@ pub fn half_close(b: &mut Bridge) {
 /// targeted.
 pub fn udp_forward(b: &mut Bridge) {
     let port = free_port();
-    let _echo = UdpEcho::serve(b.ns.udp_socket(sa(ANY6, port)).unwrap());
+    let echo = UdpEcho::serve(b.ns.udp_socket(sa(ANY6, port)).unwrap());
     for ip in [LO4, LO6] {
         if b.wait_udp(ip, port, Duration::from_secs(5)).is_none() {
             panic!(
@@ -164,6 +164,19 @@ pub fn udp_forward(b: &mut Bridge) {
     let errors = udp_clients(|ip| UdpSocket::bind(sa(ip, 0)), port, 8);
     if !errors.is_empty() {
         panic!("UDP forward: {errors:?}\n{}", b.describe());
+    }
+    // The guest socket closes: the host sockets go too.
+    drop(echo);
+    for ip in [LO4, LO6] {
+        let a = sa(ip, port);
+        if !wait_until(after(Duration::from_secs(2)), || {
+            !crate::net::udp_bound().contains(&a)
+        }) {
+            panic!(
+                "host UDP {a} still bound 2 s after the guest closed its socket\n{}",
+                b.describe()
+            );
+        }
     }
 }
 

@@ -421,3 +421,33 @@ fn udp_flows_expire_when_idle() {
     // either way every datagram arrived.
     assert!(echo.count.load(std::sync::atomic::Ordering::Relaxed) >= 2);
 }
+
+/// quic with a pinned certificate that is not the agent's: no session, a clear log line.
+#[test]
+fn wrong_quic_certificate_gets_no_session() {
+    if !privileged("wrong_quic_certificate_gets_no_session") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Quic).wrong_cert().start();
+    let port = free_port();
+    let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    let mirrored = b.wait_tcp(LO4, port, Duration::from_secs(3));
+    let d = b.describe();
+    assert!(
+        mirrored.is_none(),
+        "mirrored although the forwarder pins another certificate\n{d}"
+    );
+    let logs = format!("{}\n{}", b.agent().stderr(), b.fwd().stderr()).to_lowercase();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("certificate") || l.contains("tls") || l.contains("handshake"));
+    assert!(
+        line.is_some(),
+        "no log line explains the certificate mismatch\n{d}"
+    );
+    eprintln!("log line: {}", line.unwrap());
+    assert!(
+        b.agent().is_running() && b.fwd().is_running(),
+        "a process exited\n{d}"
+    );
+}
