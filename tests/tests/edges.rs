@@ -198,3 +198,190 @@ fn agent_stream_limit() {
         b.describe()
     );
 }
+
+/// Closing a listener does not end the connections it accepted: a relayed connection outlives
+/// the guest listener's removal (and the host listener's).
+#[test]
+fn connection_outlives_its_guest_listener() {
+    if !privileged("connection_outlives_its_guest_listener") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let mut srv = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    let mut c = try_connect(sa(LO4, port)).unwrap();
+    hostnet_e2e::net::echo_on_open(&mut c, 1, 10_000).unwrap();
+    srv.close();
+    assert!(
+        b.wait_tcp_gone(LO4, port, Duration::from_secs(2)).is_some(),
+        "host listener still there 2 s after the guest closed\n{}",
+        b.describe()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    if let Err(e) = hostnet_e2e::net::echo_on(&mut c, 2, 100_000) {
+        panic!(
+            "the connection accepted before the guest listener closed broke when the mirror went: {e}\n{}",
+            b.describe()
+        );
+    }
+}
+
+/// Same for the reverse direction: a namespace client's connection to a host server outlives
+/// the host listener's removal.
+#[test]
+fn reverse_connection_outlives_its_host_listener() {
+    if !privileged("reverse_connection_outlives_its_host_listener") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Unix).reverse().start();
+    let port = free_port();
+    let mut srv = TcpServer::echo(hostnet_e2e::net::host_listener(sa(LO4, port)));
+    assert!(
+        wait_until(after(Duration::from_secs(5)), || b
+            .ns
+            .run(tcp_listeners)
+            .contains(&sa(LO4, port))),
+        "not mirrored into the namespace\n{}",
+        b.describe()
+    );
+    let mut c = b.ns_connect(sa(LO4, port)).unwrap();
+    hostnet_e2e::net::echo_on_open(&mut c, 1, 10_000).unwrap();
+    srv.close();
+    assert!(
+        wait_until(after(Duration::from_secs(2)), || !b
+            .ns
+            .run(tcp_listeners)
+            .contains(&sa(LO4, port))),
+        "reverse mirror still there 2 s after the host listener closed\n{}",
+        b.describe()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    if let Err(e) = hostnet_e2e::net::echo_on(&mut c, 2, 100_000) {
+        panic!(
+            "the namespace's connection broke when the reverse mirror went: {e}\n{}",
+            b.describe()
+        );
+    }
+}
+
+/// Holds 127.0.0.1:`port` in the namespace without listening (another guest program's socket,
+/// not something to mirror).
+fn hold_ns_port(b: &Bridge, port: u16) -> socket2::Socket {
+    b.ns.run(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&sa(LO4, port).into()).unwrap();
+        s
+    })
+}
+
+/// A namespace port held by another guest program: the agent cannot bind the reverse mirror of
+/// a host listener there, logs it, retries, and makes it as soon as the port frees.
+#[test]
+fn reverse_conflict_retried_until_freed() {
+    if !privileged("reverse_conflict_retried_until_freed") {
+        return;
+    }
+    let port = free_port();
+    let _srv = TcpServer::echo(hostnet_e2e::net::host_listener(sa(LO4, port)));
+    let mut b = Bridge::builder(Transport::Unix)
+        .reverse()
+        .without_forwarder()
+        .start();
+    let holder = hold_ns_port(&b, port);
+    b.start_forwarder();
+    let logged = wait_until(after(Duration::from_secs(5)), || {
+        b.agent().stderr().lines().any(|l| {
+            l.contains(&port.to_string()) && (l.contains("in use") || l.contains("conflict"))
+        })
+    });
+    assert!(
+        logged,
+        "the agent's log should say that 127.0.0.1:{port} is taken in the namespace\n{}",
+        b.describe()
+    );
+    drop(holder);
+    let t = Instant::now();
+    assert!(
+        wait_until(after(Duration::from_secs(10)), || b
+            .ns
+            .run(tcp_listeners)
+            .contains(&sa(LO4, port))),
+        "reverse mirror not made within 10 s of the namespace port freeing; status {:?}\n{}",
+        b.status_json(),
+        b.describe()
+    );
+    eprintln!("reverse mirror made {:?} after the port freed", t.elapsed());
+    let mut s = b.ns_connect(sa(LO4, port)).unwrap();
+    hostnet_e2e::net::echo_on(&mut s, 4, 10_000).unwrap();
+}
+
+/// `status` shows the state of reverse mirrors too: a host listener whose port is taken inside
+/// the namespace is a conflict (the status states: active / conflict / retrying), not
+/// just "reported".
+///
+/// Known gap (found by this test): the forwarder's status shows every host->guest entry as
+/// `reported`; the link's control messages have no way for the agent to report a reverse
+/// mirror's bind result, so a conflict inside the VM is only in the agent's log. Ignored so that
+/// CI stays green; run with `--ignored` once the protocol carries it.
+#[test]
+#[ignore = "known gap: reverse mirror state is not reported to the forwarder (status says `reported`)"]
+fn status_shows_reverse_conflict() {
+    if !privileged("status_shows_reverse_conflict") {
+        return;
+    }
+    let port = free_port();
+    let _srv = TcpServer::echo(hostnet_e2e::net::host_listener(sa(LO4, port)));
+    let mut b = Bridge::builder(Transport::Unix)
+        .reverse()
+        .without_forwarder()
+        .start();
+    let _holder = hold_ns_port(&b, port);
+    b.start_forwarder();
+    let entry = |b: &Bridge| {
+        b.status_json().ok().and_then(|v| {
+            v["ports"].as_array().and_then(|a| {
+                a.iter()
+                    .find(|p| p["port"] == port && p["direction"] != "guest->host")
+                    .cloned()
+            })
+        })
+    };
+    let conflict = wait_until(after(Duration::from_secs(5)), || {
+        entry(&b).is_some_and(|e| e.to_string().contains("conflict"))
+    });
+    assert!(
+        conflict,
+        "the namespace's 127.0.0.1:{port} is taken: status should show the reverse mirror in conflict, got {:?}",
+        entry(&b)
+    );
+}
+
+/// Garbage on the forwarder's control (status) socket does not hurt it.
+#[test]
+fn garbage_on_the_control_socket() {
+    if !privileged("garbage_on_the_control_socket") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let _srv = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    assert!(
+        wait_until(after(Duration::from_secs(3)), || b.control().exists()),
+        "no control socket"
+    );
+    for i in 0..10u64 {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(b.control()) {
+            s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+            let _ = s.write_all(&hostnet_e2e::payload::payload(i, 1 << (i + 4)));
+        }
+    }
+    assert!(b.fwd().is_running(), "forwarder died\n{}", b.describe());
+    echo_check(sa(LO4, port), 1, 10_000).unwrap();
+    assert!(
+        b.status_json().is_ok(),
+        "status after garbage: {:?}",
+        b.status_json()
+    );
+}
