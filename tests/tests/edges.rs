@@ -385,3 +385,78 @@ fn garbage_on_the_control_socket() {
         b.status_json()
     );
 }
+
+fn v6only_listener(b: &Bridge, port: u16) -> std::net::TcpListener {
+    b.ns.run(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        s.set_only_v6(true).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&sa(ANY6, port).into()).unwrap();
+        s.listen(128).unwrap();
+        std::net::TcpListener::from(s)
+    })
+}
+
+/// A dual-socket guest server (0.0.0.0:P and [::]:P with V6ONLY, as nginx does): both map to
+/// the same host addresses, which are bound once, show no conflict with themselves, and stay
+/// while either guest socket remains.
+#[test]
+fn dual_socket_guest_server() {
+    if !privileged("dual_socket_guest_server") {
+        return;
+    }
+    let mut b = Bridge::unix();
+    let port = free_port();
+    let mut v4 = TcpServer::serve(
+        b.ns.tcp_listener(sa(ANY4, port)).unwrap(),
+        tag_handler("v4"),
+    );
+    let _v6 = TcpServer::serve(v6only_listener(&b, port), tag_handler("v6"));
+    b.expect_tcp(LO4, port);
+    b.expect_tcp(LO6, port);
+    std::thread::sleep(Duration::from_millis(400));
+    let host: Vec<_> = tcp_listeners()
+        .into_iter()
+        .filter(|a| a.port() == port)
+        .collect();
+    let states = b.states(port);
+    let d = format!("host listeners {host:?}; status {:?}", b.status_json());
+    assert_eq!(host.len(), 2, "{d}");
+    assert!(
+        states.iter().all(|s| s == "active"),
+        "the forwarder conflicts with itself over a dual-socket guest server: {d}\n{}",
+        b.describe()
+    );
+    assert!(
+        read_tag(sa(LO4, port)).is_ok_and(|t| t == "v4" || t == "v6"),
+        "{d}"
+    );
+    assert!(
+        read_tag(sa(LO6, port)).is_ok_and(|t| t == "v4" || t == "v6"),
+        "{d}"
+    );
+    // The v4 socket goes; [::] (v6only) still maps to both host loopbacks.
+    v4.close();
+    std::thread::sleep(Duration::from_millis(600));
+    let host: Vec<_> = tcp_listeners()
+        .into_iter()
+        .filter(|a| a.port() == port)
+        .collect();
+    let d = format!("host listeners {host:?}; status {:?}", b.status_json());
+    let t6 = read_tag(sa(LO6, port));
+    assert_eq!(
+        t6.as_deref(),
+        Ok("v6"),
+        "via [::1] after the v4 socket closed: {d}\n{}",
+        b.describe()
+    );
+    if host.contains(&sa(LO4, port)) {
+        let t4 = read_tag(sa(LO4, port));
+        assert_eq!(
+            t4.as_deref(),
+            Ok("v6"),
+            "host 127.0.0.1:{port} still mirrored after the guest's v4 socket closed, so it must reach the v6only one: {d}\n{}",
+            b.describe()
+        );
+    }
+}
