@@ -1,18 +1,18 @@
 //! Scenarios shared by several test files (one per transport): each sets up its own servers in
 //! the bridge's namespace on fresh ports, and panics with both processes' logs on failure.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::bridge::Bridge;
 use crate::net::{
     ANY4, ANY6, LO4, LO6, Outcome, TcpServer, UdpEcho, duplex, duplex_handler, echo_check,
     free_port, refused, sa, set_timeouts, try_connect, udp_echo_check,
 };
-use crate::payload::{expect_eof, read_prng, write_prng};
+use crate::payload::{Verifier, expect_eof, payload, read_prng, write_prng};
 use crate::{after, wait_until};
 
 /// Servers in the namespace on 0.0.0.0:P1, [::]:P2, 127.0.0.1:P3 and [::1]:P4; each reached
@@ -63,7 +63,7 @@ pub fn duplex_through(b: &mut Bridge, ip: IpAddr, len: u64) {
     b.expect_tcp(ip, port);
     let s = try_connect(sa(ip, port)).unwrap();
     set_timeouts(&s, Duration::from_secs(30));
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let client = duplex(s, 1000, 1001, len, "host client");
     let server = if wait_until(after(Duration::from_secs(10)), || {
         !outcome.lock().unwrap().is_empty()
@@ -234,7 +234,7 @@ pub fn reset_from_guest(b: &mut Bridge) {
         Ok(()) => crate::net::read_to_end_or_err(&mut c),
     };
     match outcome {
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
         other => panic!(
             "guest server reset its connection; the host client should see ECONNRESET, got {other:?}\n{}",
             b.describe()
@@ -281,7 +281,7 @@ pub fn reset_from_host(b: &mut Bridge) {
     });
     let r = seen.lock().unwrap().take();
     match r {
-        Some(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Some(Err(e)) if e.kind() == ErrorKind::ConnectionReset => {}
         other => panic!(
             "host client reset its connection; the guest server should see ECONNRESET, got {other:?} (finished: {done})\n{}",
             b.describe()
@@ -304,12 +304,82 @@ pub fn udp_sizes(b: &mut Bridge) {
     udp_echo_check(&c, sa(LO4, port), b"warm-up", Duration::from_secs(5)).unwrap();
     let mut errors = Vec::new();
     for len in [1usize, 1472, 9000, 60_000, 0] {
-        let data = crate::payload::payload(len as u64, len);
+        let data = payload(len as u64, len);
         if let Err(e) = udp_echo_check(&c, sa(LO4, port), &data, Duration::from_secs(3)) {
             errors.push(format!("{len}-byte datagram: {e}"));
         }
     }
     if !errors.is_empty() {
         panic!("UDP sizes: {errors:?}\n{}", b.describe());
+    }
+}
+
+/// `n` connections open at once, half over 127.0.0.1 and half over ::1: every one sends a
+/// checksummed 2000 bytes, then every one reads its echo, then every one half-closes and expects
+/// EOF.
+pub fn concurrent(b: &mut Bridge, n: usize) {
+    crate::raise_nofile();
+    let port = free_port();
+    let _srv = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    const LEN: usize = 2000;
+    let t0 = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let ip = if i % 2 == 0 { LO4 } else { LO6 };
+        match try_connect(sa(ip, port)) {
+            Ok(s) => conns.push(s),
+            Err(e) => panic!("connection {i} of {n}: {e}\n{}", b.describe()),
+        }
+    }
+    // All open at once: every one sends, then every one reads its echo back.
+    for (i, s) in conns.iter_mut().enumerate() {
+        if let Err(e) = s.write_all(&payload(i as u64, LEN)) {
+            panic!("connection {i}: write: {e}\n{}", b.describe());
+        }
+    }
+    let mut failures = Vec::new();
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut v = Verifier::new(i as u64, format!("connection {i}"));
+        let mut buf = [0u8; LEN];
+        let mut got = 0;
+        while got < LEN {
+            match s.read(&mut buf[..LEN - got]) {
+                Ok(0) => {
+                    failures.push(format!("connection {i}: EOF after {got} bytes"));
+                    break;
+                }
+                Ok(n) => {
+                    if let Err(e) = v.check(&buf[..n]) {
+                        failures.push(e);
+                        break;
+                    }
+                    got += n;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failures.push(format!("connection {i}: read after {got} bytes: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        if let Err(e) = s
+            .shutdown(Shutdown::Write)
+            .map_err(|e| e.to_string())
+            .and_then(|_| expect_eof(s, &format!("connection {i}")))
+        {
+            failures.push(e);
+        }
+    }
+    eprintln!("{n} concurrent echo connections: {:?}", t0.elapsed());
+    if !failures.is_empty() {
+        panic!(
+            "{} of {n} connections failed, first: {:?}\n{}",
+            failures.len(),
+            &failures[..failures.len().min(5)],
+            b.describe()
+        );
     }
 }

@@ -52,72 +52,8 @@ fn five_hundred_concurrent_connections() {
     if !privileged("five_hundred_concurrent_connections") {
         return;
     }
-    raise_nofile();
     let mut b = Bridge::unix();
-    let port = free_port();
-    let _srv = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
-    b.expect_tcp(LO4, port);
-    const N: usize = 500;
-    const LEN: usize = 2000;
-    let t0 = Instant::now();
-    let mut conns = Vec::with_capacity(N);
-    for i in 0..N {
-        let ip = if i % 2 == 0 { LO4 } else { LO6 };
-        match try_connect(sa(ip, port)) {
-            Ok(s) => conns.push(s),
-            Err(e) => panic!("connection {i} of {N}: {e}\n{}", b.describe()),
-        }
-    }
-    // All open at once: every one sends, then every one reads its echo back.
-    for (i, s) in conns.iter_mut().enumerate() {
-        if let Err(e) = s.write_all(&payload(i as u64, LEN)) {
-            panic!("connection {i}: write: {e}\n{}", b.describe());
-        }
-    }
-    let mut failures = Vec::new();
-    for (i, s) in conns.iter_mut().enumerate() {
-        let mut v = Verifier::new(i as u64, format!("connection {i}"));
-        let mut buf = [0u8; LEN];
-        let mut got = 0;
-        while got < LEN {
-            match s.read(&mut buf[..LEN - got]) {
-                Ok(0) => {
-                    failures.push(format!("connection {i}: EOF after {got} bytes"));
-                    break;
-                }
-                Ok(n) => {
-                    if let Err(e) = v.check(&buf[..n]) {
-                        failures.push(e);
-                        break;
-                    }
-                    got += n;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    failures.push(format!("connection {i}: read after {got} bytes: {e}"));
-                    break;
-                }
-            }
-        }
-    }
-    for (i, s) in conns.iter_mut().enumerate() {
-        if let Err(e) = s
-            .shutdown(std::net::Shutdown::Write)
-            .map_err(|e| e.to_string())
-            .and_then(|_| hostnet_e2e::payload::expect_eof(s, &format!("connection {i}")))
-        {
-            failures.push(e);
-        }
-    }
-    eprintln!("{N} concurrent echo connections: {:?}", t0.elapsed());
-    if !failures.is_empty() {
-        panic!(
-            "{} of {N} connections failed, first: {:?}\n{}",
-            failures.len(),
-            &failures[..failures.len().min(5)],
-            b.describe()
-        );
-    }
+    scenario::concurrent(&mut b, 500);
 }
 
 /// A host connection to a mirrored port whose guest server has just closed: the agent's connect
