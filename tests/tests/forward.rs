@@ -2,14 +2,14 @@
 //! host's loopback (the `nc localhost 8000` workflow).
 
 use std::io::{ErrorKind, Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hostnet_e2e::bridge::Bridge;
 use hostnet_e2e::net::{
     ANY4, LO4, LO6, TcpServer, echo_on, free_port, sa, tcp_listeners, try_connect,
 };
-use hostnet_e2e::payload::{Verifier, payload};
-use hostnet_e2e::{privileged, raise_nofile, scenario};
+use hostnet_e2e::payload::payload;
+use hostnet_e2e::{privileged, scenario};
 
 #[test]
 fn wildcard_and_loopback_guest_listeners_reach_host_v4_and_v6() {
