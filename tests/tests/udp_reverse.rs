@@ -391,3 +391,62 @@ fn reverse_mirrors_follow_the_forwarder() {
     let mut s = b.ns_connect(sa(LO4, port)).unwrap();
     echo_on(&mut s, 3, 10_000).unwrap();
 }
+
+/// 300 namespace clients at once through a reverse mirror (each a dial-back stream), every one
+/// a checksummed echo.
+#[test]
+fn reverse_three_hundred_concurrent() {
+    if !privileged("reverse_three_hundred_concurrent") {
+        return;
+    }
+    use std::io::{Read, Write};
+    hostnet_e2e::raise_nofile();
+    let port = free_port();
+    let _srv = TcpServer::echo(hostnet_e2e::net::host_listener(sa(LO4, port)));
+    let mut b = Bridge::builder(Transport::Unix).reverse().start();
+    assert!(
+        wait_until(after(Duration::from_secs(5)), || b
+            .ns
+            .run(tcp_listeners)
+            .contains(&sa(LO4, port))),
+        "not mirrored into the namespace\n{}",
+        b.describe()
+    );
+    let n = 300;
+    let conns: Vec<std::io::Result<std::net::TcpStream>> = b.ns.run(|| {
+        (0..n)
+            .map(|_| std::net::TcpStream::connect_timeout(&sa(LO4, port), Duration::from_secs(5)))
+            .collect()
+    });
+    let mut failures = Vec::new();
+    let mut open = Vec::new();
+    for (i, c) in conns.into_iter().enumerate() {
+        match c {
+            Ok(mut s) => {
+                hostnet_e2e::net::set_timeouts(&s, Duration::from_secs(10));
+                if let Err(e) = s.write_all(&hostnet_e2e::payload::payload(i as u64, 1000)) {
+                    failures.push(format!("{i}: write {e}"));
+                } else {
+                    open.push((i, s));
+                }
+            }
+            Err(e) => failures.push(format!("{i}: connect {e}")),
+        }
+    }
+    for (i, s) in &mut open {
+        let mut back = vec![0u8; 1000];
+        match s.read_exact(&mut back) {
+            Ok(()) if back == hostnet_e2e::payload::payload(*i as u64, 1000) => {}
+            Ok(()) => failures.push(format!("{i}: echo differs")),
+            Err(e) => failures.push(format!("{i}: read {e}")),
+        }
+    }
+    if !failures.is_empty() {
+        panic!(
+            "{} of {n} reverse connections failed, first {:?}\n{}",
+            failures.len(),
+            &failures[..failures.len().min(5)],
+            b.describe()
+        );
+    }
+}
