@@ -87,7 +87,7 @@ pub use vsock::cid_allowed;
 /// [`Stream::reset`].
 pub const QUIC_RESET_CODE: u32 = 1;
 
-/// How many TCP token handshakes a listener runs at once; connections beyond are closed.
+/// How many TCP token handshakes a listener runs at once; connections beyond wait in the backlog.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Accepted streams not yet taken by [`Listener::accept`].
 const ACCEPT_QUEUE: usize = 64;
@@ -890,7 +890,9 @@ async fn tcp_accept_loop(
     let mut handshakes = JoinSet::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
+            // At the cap, stop accepting until a handshake finishes: further clients wait in the
+            // kernel's backlog instead of being refused (a burst of streams is not an attack).
+            accepted = listener.accept(), if handshakes.len() < MAX_PENDING_HANDSHAKES => {
                 let (mut s, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -898,11 +900,6 @@ async fn tcp_accept_loop(
                         continue;
                     }
                 };
-                if handshakes.len() >= MAX_PENDING_HANDSHAKES {
-                    stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(endpoint = %endpoint, %peer, "too many pending handshakes; closing");
-                    continue;
-                }
                 let (endpoint, token, tx, stats) =
                     (endpoint.clone(), token.clone(), tx.clone(), stats.clone());
                 handshakes.spawn(async move {
