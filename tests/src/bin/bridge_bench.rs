@@ -429,6 +429,9 @@ fn main() -> Result<()> {
             let g = bulk(s, 1, args.secs).with_context(|| what("bulk 1"))?;
             let gb = g * t0.elapsed().as_secs_f64() / 8.0;
             if !relay_pids[i].is_empty() {
+                // socat copies in a child per connection, counted in the parent (cutime) only
+                // once reaped: give the children time to exit and be reaped.
+                thread::sleep(Duration::from_millis(300));
                 cpu_gb[i].push((cpu_secs(&relay_pids[i]) - c0) * 1e3 / gb);
             }
             bulk1[i].push(g);
