@@ -460,3 +460,75 @@ fn dual_socket_guest_server() {
         );
     }
 }
+
+/// Forwarder `--max-streams 3`: a 4th concurrent connection is reset and counted in status.
+#[test]
+fn forwarder_stream_limit_is_counted() {
+    if !privileged("forwarder_stream_limit_is_counted") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Unix)
+        .fwd_args(["--max-streams", "3"])
+        .start();
+    let port = free_port();
+    let _srv = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
+    b.expect_tcp(LO4, port);
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut s = try_connect(sa(LO4, port)).unwrap();
+        hostnet_e2e::net::echo_on_open(&mut s, i, 100).unwrap();
+        held.push(s);
+    }
+    let mut extra = try_connect(sa(LO4, port)).unwrap();
+    set_timeouts(&extra, Duration::from_secs(5));
+    let mut one = [0u8; 1];
+    let r = extra.read(&mut one);
+    assert!(
+        matches!(r, Err(ref e) if e.kind() == ErrorKind::ConnectionReset),
+        "4th connection over --max-streams 3 should be reset, got {r:?}\n{}",
+        b.describe()
+    );
+    let counters = b.status_json().unwrap()["counters"].clone();
+    assert!(
+        counters["streams_refused"].as_u64().unwrap_or(0) >= 1,
+        "streams_refused not counted: {counters}"
+    );
+    drop(held);
+}
+
+/// Forwarder `--max-udp-flows 4`: 8 UDP clients one after the other each get their echo (the
+/// least recently used flows are evicted), and the evictions are counted.
+#[test]
+fn forwarder_udp_flow_limit_evicts() {
+    if !privileged("forwarder_udp_flow_limit_evicts") {
+        return;
+    }
+    let mut b = Bridge::builder(Transport::Unix)
+        .fwd_args(["--max-udp-flows", "4"])
+        .start();
+    let up = free_port();
+    let _e = hostnet_e2e::net::UdpEcho::serve(b.ns.udp_socket(sa(ANY4, up)).unwrap());
+    assert!(b.wait_udp(LO4, up, Duration::from_secs(5)).is_some());
+    let clients: Vec<_> = (0..8)
+        .map(|_| std::net::UdpSocket::bind(sa(LO4, 0)).unwrap())
+        .collect();
+    for (i, c) in clients.iter().enumerate() {
+        if let Err(e) = hostnet_e2e::net::udp_echo_check(
+            c,
+            sa(LO4, up),
+            format!("client {i}").as_bytes(),
+            Duration::from_secs(5),
+        ) {
+            panic!(
+                "UDP client {i} with --max-udp-flows 4: {e}\n{}",
+                b.describe()
+            );
+        }
+    }
+    let counters = b.status_json().unwrap()["counters"].clone();
+    assert!(
+        counters["udp_flows_evicted"].as_u64().unwrap_or(0) >= 4,
+        "8 flows with --max-udp-flows 4 should evict at least 4: {counters}"
+    );
+    assert!(b.fwd().is_running());
+}
