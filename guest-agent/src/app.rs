@@ -126,9 +126,10 @@ pub fn main(cli: Cli) -> ExitCode {
     init_logging(format);
     let result = match cli.command {
         Command::Ports(a) => ports(&a).map(|()| 0),
-        Command::Run(a) => tokio::runtime::Builder::new_multi_thread()
+        // One thread: see the forwarder's runtime (relays are syscall-bound; no cross-thread
+        // wake-ups per hop).
+        Command::Run(a) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .worker_threads(2)
             .build()
             .context("starting the tokio runtime")
             .and_then(|rt| rt.block_on(run(a))),
@@ -148,7 +149,8 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
