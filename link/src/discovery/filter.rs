@@ -179,6 +179,40 @@ impl Discovery {
 
     /// The current listeners, filtered by the options.
     pub fn snapshot(&mut self) -> Result<ListenerSet, Error> {
+        self.collect()?;
+        if self.options.exclude_own_process {
+            let foreign = self.classify_own();
+            if !foreign.is_empty() {
+                // A socket of ours closed between the dump and the read of /proc/self/fd looks
+                // foreign (its descriptor is gone) though it was ours: reported, it would be
+                // mirrored back to where it came from (a loop). Such a socket is gone from a
+                // second dump taken after the read, while a foreign one is still there, so the
+                // newly seen foreign sockets are confirmed by dumping again (tens of µs).
+                let first = std::mem::take(&mut self.candidates);
+                self.collect()?;
+                let live: HashSet<u32> = self.candidates.iter().map(|l| l.inode).collect();
+                self.candidates = first
+                    .into_iter()
+                    .filter(|l| !foreign.contains(&l.inode) || live.contains(&l.inode))
+                    .collect();
+                for ino in foreign.difference(&live) {
+                    self.own.remove(ino);
+                }
+            }
+            Ok(self
+                .candidates
+                .iter()
+                .filter(|l| !self.own.get(&l.inode).copied().unwrap_or(false))
+                .copied()
+                .collect())
+        } else {
+            Ok(self.candidates.iter().copied().collect())
+        }
+    }
+
+    /// Dumps every socket the options ask for into `records` and the listeners among them into
+    /// `candidates`.
+    fn collect(&mut self) -> Result<(), Error> {
         self.records.clear();
         let families: &[u8] = match (self.options.ipv4, self.options.ipv6) {
             (true, true) => &[libc::AF_INET as u8, libc::AF_INET6 as u8],
@@ -208,17 +242,7 @@ impl Discovery {
             }
         }
 
-        if self.options.exclude_own_process {
-            self.classify_own();
-            Ok(self
-                .candidates
-                .iter()
-                .filter(|l| !self.own.get(&l.inode).copied().unwrap_or(false))
-                .copied()
-                .collect())
-        } else {
-            Ok(self.candidates.iter().copied().collect())
-        }
+        Ok(())
     }
 
     /// One dump into `records`. A dump that took several datagrams is done twice and the results
@@ -239,17 +263,24 @@ impl Discovery {
     }
 
     /// Fills `own` for every candidate inode, reading /proc/self/fd only if one is new, and
-    /// forgets inodes no longer seen.
-    fn classify_own(&mut self) {
+    /// forgets inodes no longer seen. Returns the new inodes found not to be ours.
+    fn classify_own(&mut self) -> HashSet<u32> {
         let seen: HashSet<u32> = self.candidates.iter().map(|l| l.inode).collect();
         self.own.retain(|ino, _| seen.contains(ino));
+        let mut foreign = HashSet::new();
         if seen.iter().all(|ino| self.own.contains_key(ino)) {
-            return;
+            return foreign;
         }
         match own_socket_inodes() {
             Ok(mine) => {
                 for ino in seen {
-                    self.own.entry(ino).or_insert_with(|| mine.contains(&ino));
+                    if let std::collections::hash_map::Entry::Vacant(v) = self.own.entry(ino) {
+                        let ours = mine.contains(&ino);
+                        v.insert(ours);
+                        if !ours {
+                            foreign.insert(ino);
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -261,6 +292,7 @@ impl Discovery {
                 }
             }
         }
+        foreign
     }
 
     /// The listener a record describes, or `None` if it is not one or is excluded (other than as
