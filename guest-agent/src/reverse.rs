@@ -180,9 +180,26 @@ async fn bind_retry<T>(mut bind: impl FnMut() -> io::Result<T>) -> T {
     }
 }
 
+/// A reverse mirror's socket with the guard that keeps its port out of the reported set. Fields
+/// drop in order: the socket is closed before the port may be reported again, so a discovery poll
+/// can never see a mirror that is no longer excluded (which would loop it back to the host).
+struct Held<T> {
+    io: T,
+    _guard: crate::agent::MirrorGuard,
+}
+
+impl<T> std::ops::Deref for Held<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.io
+    }
+}
+
 async fn tcp_mirror(ctx: Arc<Ctx>, key: MirrorKey, target: SocketAddr) {
-    let listener = bind_retry(|| bind_tcp(key.bind)).await;
-    let _guard = ctx.shared.mirror_guard(Protocol::Tcp, key.bind.port());
+    let listener = Held {
+        io: bind_retry(|| bind_tcp(key.bind)).await,
+        _guard: ctx.shared.mirror_guard(Protocol::Tcp, key.bind.port()),
+    };
     tracing::info!("mirroring host listener");
     loop {
         match listener.accept().await {
@@ -280,8 +297,11 @@ async fn dial_back(
 }
 
 async fn udp_mirror(ctx: Arc<Ctx>, key: MirrorKey, target: SocketAddr) {
-    let sock = Arc::new(bind_retry(|| bind_udp(key.bind)).await);
-    let _guard = ctx.shared.mirror_guard(Protocol::Udp, key.bind.port());
+    // Flows hold the socket too: the guard lives exactly as long as the socket.
+    let sock = Arc::new(Held {
+        io: bind_retry(|| bind_udp(key.bind)).await,
+        _guard: ctx.shared.mirror_guard(Protocol::Udp, key.bind.port()),
+    });
     tracing::info!("mirroring host listener");
     let mut flows: HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
