@@ -311,12 +311,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
                 }
                 Ok(None) => {
                     let partial = !pending.is_empty();
-                    // If the caller's buffer is large, read the head with a little read-ahead:
-                    // a small frame (the common request/response case) then costs one read, and
-                    // the rest of a large payload still goes straight into the caller's buffer.
-                    // Else read ahead as much as fits.
+                    // If the caller's buffer is large, read just the head so that the payload
+                    // can go straight into it; else read ahead as much as fits.
                     let limit = if buf.remaining() >= DIRECT_READ_MIN {
-                        DIRECT_READ_MIN
+                        DATA_HEAD_LEN
                     } else {
                         RBUF_LEN
                     };
