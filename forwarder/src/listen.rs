@@ -199,7 +199,7 @@ async fn serve_tcp(
         }
     };
     let client = Counted::new(client, b.traffic.clone());
-    match relay::relay(client, link, &session, relay::reset_tcp).await {
+    match relay::relay(client, link, &session).await {
         RelayEnd::Done(up, down) => tracing::debug!(to_guest = up, from_guest = down, "closed"),
         RelayEnd::Reset(e) => {
             bump(&ctx.counters.relays_reset);

@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use hostnet_link::proto::{self, PayloadStream, RelayStatus, StreamHeader, StreamKind, StreamMode};
 use hostnet_link::transport::Stream;
@@ -14,11 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// How long a framed RESET may take to leave before the stream is dropped anyway.
-const RESET_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Copy buffer per direction of a relay (tokio's default of 8 KiB costs bulk throughput: each
-/// read becomes one write, and in framed mode one frame).
-pub const RELAY_BUFFER: usize = 64 * 1024;
+pub use hostnet_link::relay::{RelayEnd, reset_tcp};
 
 /// Bytes each way and connections, per mirrored address; read by `status`.
 #[derive(Debug, Default)]
@@ -120,28 +115,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-/// Resets a TCP socket: `SO_LINGER 0` then close, so the peer gets `ECONNRESET`.
-pub fn reset_tcp(s: TcpStream) {
-    if let Err(e) = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)) {
-        tracing::debug!(error = %e, "SO_LINGER 0 failed; closing");
-    }
-    drop(s);
-}
-
-/// Resets a link stream in its payload phase: a RESET frame in framed mode, the transport's
-/// reset in raw mode.
-pub async fn reset_link(mut s: PayloadStream<Stream>) {
-    match s.mode() {
-        StreamMode::Framed => {
-            let _ = tokio::time::timeout(RESET_WRITE_TIMEOUT, s.reset_framed()).await;
-        }
-        StreamMode::Raw => match s {
-            PayloadStream::Raw(raw) => raw.reset(),
-            PayloadStream::Framed(f) => drop(f),
-        },
-    }
-}
-
 /// Why a relay stream could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -171,43 +144,12 @@ pub async fn open_relay(
     Ok(PayloadStream::new(s, mode))
 }
 
-/// How a relay ended, for the log.
-#[derive(Debug)]
-pub enum RelayEnd {
-    /// Both directions ended cleanly: (client→link, link→client) bytes.
-    Done(u64, u64),
-    /// A side failed; both were reset.
-    Reset(io::Error),
-    /// Cancelled (session lost, shutdown); both were reset.
-    Cancelled,
-}
-
-/// Relays `client` and `link` until both directions end, half-closing each as its source
-/// ends; on an error or cancellation resets both.
-pub async fn relay<C>(
-    mut client: Counted<C>,
-    mut link: PayloadStream<Stream>,
+/// Relays a counted host connection and `link` (see [`hostnet_link::relay::relay`]): half-close
+/// carried each way; on an error or cancellation both sides are reset.
+pub async fn relay(
+    client: Counted<TcpStream>,
+    link: PayloadStream<Stream>,
     cancel: &CancellationToken,
-    reset_client: impl FnOnce(C),
-) -> RelayEnd
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let res = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut link, RELAY_BUFFER, RELAY_BUFFER) => Some(r),
-        () = cancel.cancelled() => None,
-    };
-    match res {
-        Some(Ok((a, b))) => RelayEnd::Done(a, b),
-        Some(Err(e)) => {
-            reset_client(client.into_inner());
-            reset_link(link).await;
-            RelayEnd::Reset(e)
-        }
-        None => {
-            reset_client(client.into_inner());
-            reset_link(link).await;
-            RelayEnd::Cancelled
-        }
-    }
+) -> RelayEnd {
+    hostnet_link::relay::relay(client, link, cancel, |c| reset_tcp(c.into_inner())).await
 }

@@ -258,7 +258,7 @@ pub async fn serve_dial_back(
     match conn {
         HostConn::Tcp(t) => {
             let t = Counted::new(t, traffic);
-            match relay::relay(t, link, &session, relay::reset_tcp).await {
+            match relay::relay(t, link, &session).await {
                 RelayEnd::Done(a, b) => {
                     tracing::debug!(from_guest = b, to_guest = a, "dial-back closed")
                 }

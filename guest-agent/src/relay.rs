@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hostnet_link::proto::{self, PayloadStream, Proto, RelayStatus, RelayTarget, StreamMode};
+use hostnet_link::relay::RelayEnd;
 use hostnet_link::transport::Stream;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
@@ -18,11 +19,6 @@ use tracing::Instrument;
 
 use crate::agent::{Shared, lock};
 use crate::policy;
-
-/// Copy buffer per direction of a TCP relay: large enough that a framed link carries few,
-/// large frames (one `writev` each) and each side does few syscalls; 4096 relays use 512 MiB
-/// at most.
-const COPY_BUF: usize = 64 * 1024;
 
 /// How long a reset or a final END may take to go out before the stream is just dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -104,49 +100,19 @@ pub(crate) async fn tcp(shared: Arc<Shared>, mut stream: Stream, mode: StreamMod
     .await;
 }
 
-/// Resets a TCP connection: `SO_LINGER` 0, then close (the peer gets RST).
-pub(crate) fn reset_tcp(tcp: TcpStream) {
-    if let Err(e) = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)) {
-        tracing::debug!(error = %e, "SO_LINGER 0 failed");
-    }
-    drop(tcp);
-}
-
-/// Resets a link stream: a RESET frame in framed mode, the transport's reset in raw mode.
-pub(crate) async fn reset_link(link: PayloadStream<Stream>) {
-    match link {
-        PayloadStream::Raw(s) => s.reset(),
-        PayloadStream::Framed(mut f) => {
-            let _ = tokio::time::timeout(CLOSE_GRACE, f.reset()).await;
-        }
-    }
-}
+pub(crate) use hostnet_link::relay::reset_tcp;
 
 /// Relays until both directions have ended (half-close carried each way); on an error from
-/// either side, or when `cancel` fires, resets both.
+/// either side, or when `cancel` fires, resets both (see [`hostnet_link::relay::relay`]).
 pub(crate) async fn relay_tcp(
-    mut link: PayloadStream<Stream>,
-    mut tcp: TcpStream,
+    link: PayloadStream<Stream>,
+    tcp: TcpStream,
     cancel: &CancellationToken,
 ) {
-    let outcome = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut link, &mut tcp, COPY_BUF, COPY_BUF) => Some(r),
-        () = cancel.cancelled() => None,
-    };
-    match outcome {
-        Some(Ok((to_vm, to_link))) => {
-            tracing::debug!(to_vm, to_link, "relay closed");
-        }
-        Some(Err(e)) => {
-            tracing::debug!(error = %e, "relay failed; resetting both sides");
-            reset_tcp(tcp);
-            reset_link(link).await;
-        }
-        None => {
-            tracing::debug!("relay cancelled; resetting both sides");
-            reset_tcp(tcp);
-            reset_link(link).await;
-        }
+    match hostnet_link::relay::relay(tcp, link, cancel, reset_tcp).await {
+        RelayEnd::Done(to_link, to_vm) => tracing::debug!(to_vm, to_link, "relay closed"),
+        RelayEnd::Reset(e) => tracing::debug!(error = %e, "relay failed; both sides reset"),
+        RelayEnd::Cancelled => tracing::debug!("relay cancelled; both sides reset"),
     }
 }
 
