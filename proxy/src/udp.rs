@@ -194,10 +194,10 @@ impl UdpProxy {
             let slot = self.slot;
             let bufs = &mut self.bufs;
             let res = self.front.try_io(Interest::READABLE, || {
-                let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
-                    .chunks_mut(slot)
-                    .map(|c| [IoSliceMut::new(c)])
-                    .collect();
+                // On the stack: no allocation per batch. `bufs` holds exactly BATCH slots.
+                let mut chunks = bufs.chunks_mut(slot);
+                let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
+                    std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
                 let results = recvmmsg(fd, headers, iovs.iter_mut(), MsgFlags::empty(), None)
                     .map_err(io::Error::from)?;
                 for m in results {
