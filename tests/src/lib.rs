@@ -16,6 +16,9 @@
 //! * [`scenario`] — scenarios shared by the test files, run over whichever transport a test picks.
 //! * [`bridge`] — [`bridge::Bridge`], an agent in a namespace plus a forwarder on the host over a
 //!   chosen transport, with `status --json` helpers.
+//! * [`dockerd`] — [`dockerd::Lab`] and [`dockerd::Dockerd`]: a real dockerd with private roots
+//!   whose userland proxy is hostnet-proxy (or docker-proxy), the host's iptables and sysctls put
+//!   back afterwards.
 //!
 //! Test files (`tests/tests/`): `forward` (the `nc localhost 8000` workflow: policy, 64 MiB both
 //! ways, 500 connections, half-close, resets, refused, discovery timing, status), `udp_reverse`
@@ -33,6 +36,7 @@
 //! returns early.
 
 pub mod bridge;
+pub mod dockerd;
 pub mod net;
 pub mod netns;
 pub mod payload;
