@@ -5,6 +5,17 @@ use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Socket, Type};
 
+// ioctl(2)'s request parameter is `c_ulong` in glibc and `c_int` in musl (the agent is built for
+// both: musl for static guest binaries); the request numbers fit either.
+#[allow(clippy::unnecessary_cast, clippy::cast_possible_truncation)]
+const IOCTL_GET: IoctlRequest = libc::SIOCGIFFLAGS as IoctlRequest;
+#[allow(clippy::unnecessary_cast, clippy::cast_possible_truncation)]
+const IOCTL_SET: IoctlRequest = libc::SIOCSIFFLAGS as IoctlRequest;
+#[cfg(target_env = "musl")]
+type IoctlRequest = libc::c_int;
+#[cfg(not(target_env = "musl"))]
+type IoctlRequest = libc::c_ulong;
+
 /// Brings the loopback interface up (`SIOCGIFFLAGS` / `SIOCSIFFLAGS` on a socket), as a fresh
 /// network namespace needs. Does nothing if it is up already.
 pub fn lo_up() -> io::Result<()> {
@@ -17,7 +28,7 @@ pub fn lo_up() -> io::Result<()> {
     }
     // SAFETY: `sock` is an open socket; SIOCGIFFLAGS reads `ifr_name` (NUL-terminated above)
     // and writes `ifru_flags` inside the `ifreq` we own and pass by pointer.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), IOCTL_GET, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: SIOCGIFFLAGS succeeded, so the kernel initialised the `ifru_flags` member.
@@ -28,7 +39,7 @@ pub fn lo_up() -> io::Result<()> {
     }
     req.ifr_ifru.ifru_flags = flags | up;
     // SAFETY: as above; SIOCSIFFLAGS reads `ifr_name` and `ifru_flags` from our `ifreq`.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), IOCTL_SET, &req) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

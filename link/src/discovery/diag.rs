@@ -75,9 +75,9 @@ impl DiagSocket {
         sock.bind_auto().map_err(Error::NetlinkOpen)?;
         sock.connect(&NlAddr::new(0, 0))
             .map_err(Error::NetlinkOpen)?;
-        let tv = nix::sys::time::TimeVal::new(
-            RECV_TIMEOUT.as_secs() as libc::time_t,
-            RECV_TIMEOUT.subsec_micros() as libc::suseconds_t,
+        // (`TimeVal::new` would name `time_t`, deprecated on musl targets.)
+        let tv = <nix::sys::time::TimeVal as nix::sys::time::TimeValLike>::microseconds(
+            i64::try_from(RECV_TIMEOUT.as_micros()).unwrap_or(i64::MAX),
         );
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
             .map_err(|e| Error::NetlinkOpen(e.into()))?;
