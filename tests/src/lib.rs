@@ -16,6 +16,9 @@
 //! * [`scenario`] — scenarios shared by the test files, run over whichever transport a test picks.
 //! * [`bridge`] — [`bridge::Bridge`], an agent in a namespace plus a forwarder on the host over a
 //!   chosen transport, with `status --json` helpers.
+//! * [`vm`] — the real path: a QEMU guest (TCG, virtio-vsock through vhost-device-vsock) with the
+//!   static musl agent inside and the forwarder on the host over `hybrid-vsock://`; the guest is
+//!   driven by `src/bin/vm_guest.rs` (command server, echo and bulk servers, a client).
 //! * [`dockerd`] — [`dockerd::Lab`] and [`dockerd::Dockerd`]: a real dockerd with private roots
 //!   whose userland proxy is hostnet-proxy (or docker-proxy), the host's iptables and sysctls put
 //!   back afterwards.
@@ -43,6 +46,7 @@ pub mod payload;
 pub mod process;
 pub mod scenario;
 pub mod socat;
+pub mod vm;
 
 use std::thread;
 use std::time::{Duration, Instant};
