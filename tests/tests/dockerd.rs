@@ -119,6 +119,19 @@ fn run_ok(d: &Dockerd, name: &str, ports: &[&[String]], cmd: &[&str]) {
     );
 }
 
+/// `docker run` publishing one `-p` spec that must fail: Docker's message (stderr).
+fn run_fails(d: &Dockerd, spec: &str, cmd: &[&str]) -> String {
+    let out = run(d, "must-fail", &[&["-p".into(), spec.to_string()]], cmd);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "docker run -p {spec} succeeded: {err}"
+    );
+    // The failed container stays created; the next attempt reuses its name.
+    let _ = d.docker(&["rm", "-f", "must-fail"]);
+    err
+}
+
 #[test]
 fn published_ports_are_served_by_hostnet_proxy_and_go_with_their_container() {
     if !dockerd::available("dockerd") {
@@ -222,16 +235,10 @@ fn a_taken_host_port_fails_docker_run_with_hostnet_proxys_error() {
 
     let taken = TcpListener::bind(sa(LO4, 0)).unwrap();
     let port = taken.local_addr().unwrap().port();
-    let out = run(
+    let err = run_fails(
         &d,
-        "tcp-busy",
-        &[&["-p".into(), format!("127.0.0.1:{port}:80")]],
+        &format!("127.0.0.1:{port}:80"),
         &["httpd", "-f", "-p", "80", "-h", "/www"],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "docker run succeeded on a taken port"
     );
     assert!(
         err.contains(&format!("failed to listen on tcp/127.0.0.1:{port}"))
@@ -242,17 +249,7 @@ fn a_taken_host_port_fails_docker_run_with_hostnet_proxys_error() {
 
     let taken6 = UdpSocket::bind(sa(LO6, 0)).unwrap();
     let port6 = taken6.local_addr().unwrap().port();
-    let out = run(
-        &d,
-        "udp-busy",
-        &[&["-p".into(), format!("[::1]:{port6}:9/udp")]],
-        &["sleep", "600"],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "docker run succeeded on a taken port"
-    );
+    let err = run_fails(&d, &format!("[::1]:{port6}:9/udp"), &["sleep", "600"]);
     assert!(
         err.contains(&format!("failed to listen on udp/[::1]:{port6}")),
         "Docker's message lacks hostnet-proxy's error: {err}"
@@ -271,15 +268,13 @@ fn a_taken_host_port_fails_docker_run_with_hostnet_proxys_error() {
             &[("HOSTNET_PROXY_UDP_TIMEOUT", "soon")],
         )
         .unwrap();
-    let out = run(
+    let err = run_fails(
         &d,
-        "bad-env",
-        &[&publish(free_port(), "9/udp")],
+        &format!("127.0.0.1:{}:9/udp", free_port()),
         &["sleep", "600"],
     );
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("HOSTNET_PROXY_UDP_TIMEOUT"),
+        err.contains("invalid HOSTNET_PROXY_UDP_TIMEOUT"),
         "expected the invalid setting in Docker's message: {err}"
     );
     d.wait_proxies(0, Duration::from_secs(5)).unwrap();
