@@ -180,7 +180,9 @@ fn build_guest_binaries() -> anyhow::Result<GuestBinaries> {
         let target_dir = cache_dir().join("target");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let t0 = Instant::now();
-        let out = Command::new(&cargo)
+        let mut cmd = Command::new(&cargo);
+        scrub_cargo_env(&mut cmd);
+        let out = cmd
             .current_dir(workspace_root())
             .args(["build", "--release", "--target", MUSL, "--target-dir"])
             .arg(&target_dir)
@@ -207,6 +209,32 @@ fn build_guest_binaries() -> anyhow::Result<GuestBinaries> {
         check_static(p)?;
     }
     Ok(bins)
+}
+
+/// Removes what Cargo sets for the test (or `cargo run`) that runs us, so that the nested build
+/// sees the same environment from `cargo test` and from a shell, and its artifacts stay fresh
+/// between the two. The user's own Cargo settings (`CARGO_HOME`, `CARGO_NET_*`, ...) stay.
+fn scrub_cargo_env(cmd: &mut Command) {
+    const KEEP: &[&str] = &[
+        "CARGO_HOME",
+        "CARGO_NET_",
+        "CARGO_HTTP_",
+        "CARGO_REGISTRIES_",
+        "CARGO_REGISTRY_",
+        "CARGO_TERM_",
+        "CARGO_BUILD_",
+        "CARGO_PROFILE_",
+        "CARGO_UNSTABLE_",
+    ];
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        let cargo_set = (k.starts_with("CARGO_") && !KEEP.iter().any(|p| k.starts_with(p)))
+            || k.starts_with("__CARGO")
+            || matches!(k, "OUT_DIR" | "RUST_RECURSION_COUNT" | "LD_LIBRARY_PATH");
+        if cargo_set {
+            cmd.env_remove(k);
+        }
+    }
 }
 
 /// An ELF with no `PT_INTERP` program header is static (musl static-pie included).

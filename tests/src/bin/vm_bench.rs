@@ -1,0 +1,221 @@
+//! The real-VM figures: a QEMU guest (TCG) with the musl agent inside, the forwarder on the host
+//! over hybrid vsock (see `hostnet_e2e::vm`). Run it with `bench/vm.sh` (root, after
+//! `scripts/vm-setup.sh`).
+//!
+//! * boot to ready: QEMU started → the guest's command server answers through the hybrid
+//!   socket (the agent is started by the same `/init` line before it), then forwarder started →
+//!   its session with the agent is up; each the median of `--boots` boots;
+//! * discovery: a guest server has bound and said so (the command server's answer) → its port
+//!   is listening on the host's 127.0.0.1; and killed → the host port is gone (median of
+//!   `--cycles`);
+//! * throughput host→guest and guest→host, `--mib` MiB per trial (zeros, unchecked, so that
+//!   the guest's CPU goes to moving bytes), through hostnet (host TCP → forwarder → hybrid vsock
+//!   → agent → guest TCP) and raw (host → hybrid vsock `CONNECT` → the same guest server on a
+//!   vsock port), interleaved in one boot; the median of `--trials`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use hostnet_e2e::net::{LO4, free_port, sa, tcp_listeners};
+use hostnet_e2e::vm::{self, Vm, median};
+
+/// The raw vsock port of the guest's bulk server.
+const RAW_PORT: u32 = 6000;
+
+#[derive(Debug, Parser)]
+#[command(about = "hostnet real-VM benchmark: boot, discovery, hostnet vs raw hybrid vsock")]
+struct Args {
+    /// Boots for the boot-to-ready figure (the last one serves the other figures).
+    #[arg(long, default_value_t = 3)]
+    boots: usize,
+    /// Bind/kill cycles for the discovery figure.
+    #[arg(long, default_value_t = 10)]
+    cycles: usize,
+    /// Trials per throughput figure.
+    #[arg(long, default_value_t = 3)]
+    trials: usize,
+    /// MiB per throughput trial.
+    #[arg(long, default_value_t = 128)]
+    mib: u64,
+}
+
+fn head(mode: u8, len: u64) -> Vec<u8> {
+    let mut h = vec![mode];
+    h.extend_from_slice(&len.to_le_bytes());
+    h.extend_from_slice(&0u64.to_le_bytes());
+    h
+}
+
+/// Sends `len` zero bytes to a sink; seconds from the first byte to the sink's count.
+fn push(mut s: impl Read + Write, len: u64) -> Result<f64> {
+    s.write_all(&head(b'S', len))?;
+    let buf = vec![0u8; 256 * 1024];
+    let t0 = Instant::now();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    let mut reply = [0u8; 9];
+    s.read_exact(&mut reply).context("sink reply")?;
+    let secs = t0.elapsed().as_secs_f64();
+    let count = u64::from_le_bytes(reply[..8].try_into().expect("8 bytes"));
+    if count != len || reply[8] != 1 {
+        bail!("sink counted {count} of {len} bytes (ok={})", reply[8]);
+    }
+    Ok(secs)
+}
+
+/// Reads `len` bytes from a source; seconds from the request to the last byte.
+fn pull(mut s: impl Read + Write, len: u64) -> Result<f64> {
+    let t0 = Instant::now();
+    s.write_all(&head(b'R', len))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while got < len {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            bail!("source ended after {got} of {len} bytes");
+        }
+        got += n as u64;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+fn mbs(len: u64, secs: f64) -> f64 {
+    len as f64 / secs / 1e6
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let Some(tools) = vm::prerequisites("vm_bench") else {
+        return Ok(());
+    };
+    vm::cached_initramfs(&tools)?;
+
+    // Boot to ready.
+    let mut boots = Vec::new();
+    let mut sessions = Vec::new();
+    let mut vm = None;
+    for i in 0..args.boots.max(1) {
+        drop(vm.take());
+        let mut v = Vm::boot(&tools)?;
+        let up = v.start_forwarder();
+        eprintln!(
+            "boot {i}: command server after {:.2?}, forwarder session after {up:.2?}",
+            v.boot_time
+        );
+        boots.push(v.boot_time.as_secs_f64());
+        sessions.push(up.as_secs_f64());
+        vm = Some(v);
+    }
+    let vm = vm.expect("booted");
+
+    // Discovery.
+    let mut add = Vec::new();
+    let mut remove = Vec::new();
+    let mut rtt = Vec::new();
+    for i in 0..args.cycles {
+        let p = free_port();
+        let a: SocketAddr = sa(LO4, p);
+        let t0 = Instant::now();
+        vm.spawn("disc", &format!("vm_guest tcp-echo 0.0.0.0:{p}"));
+        let t1 = Instant::now();
+        rtt.push((t1 - t0).as_secs_f64() * 1e3);
+        let Some(d) = vm.wait_host_tcp(LO4, p, true, Duration::from_secs(20)) else {
+            bail!("cycle {i}: {a} not mirrored within 20 s");
+        };
+        add.push(d.as_secs_f64() * 1e3);
+        let t2 = Instant::now();
+        vm.kill("disc");
+        let Some(_) = vm.wait_host_tcp(LO4, p, false, Duration::from_secs(20)) else {
+            bail!("cycle {i}: {a} still mirrored 20 s after the kill");
+        };
+        remove.push(t2.elapsed().as_secs_f64() * 1e3);
+        debug_assert!(!tcp_listeners().contains(&a));
+    }
+
+    // Throughput.
+    let p = free_port();
+    vm.spawn(
+        "bulk",
+        &format!("vm_guest bulk 0.0.0.0:{p} --vsock {RAW_PORT}"),
+    );
+    if vm
+        .wait_host_tcp(LO4, p, true, Duration::from_secs(20))
+        .is_none()
+    {
+        bail!("bulk port {p} not mirrored");
+    }
+    let len = args.mib << 20;
+    let hostnet = || -> Result<TcpStream> {
+        let s = TcpStream::connect(sa(LO4, p))?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    };
+    let raw = || vm::hybrid_connect(&vm.uds(), RAW_PORT, Duration::from_secs(10));
+    let (mut h2g_hn, mut h2g_raw, mut g2h_hn, mut g2h_raw) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for t in 0..args.trials {
+        h2g_raw.push(mbs(len, push(raw()?, len).context("raw push")?));
+        h2g_hn.push(mbs(len, push(hostnet()?, len).context("hostnet push")?));
+        g2h_raw.push(mbs(len, pull(raw()?, len).context("raw pull")?));
+        g2h_hn.push(mbs(len, pull(hostnet()?, len).context("hostnet pull")?));
+        eprintln!(
+            "trial {t}: host->guest raw {:.1} hostnet {:.1}; guest->host raw {:.1} hostnet {:.1} MB/s",
+            h2g_raw[t], h2g_hn[t], g2h_raw[t], g2h_hn[t]
+        );
+    }
+
+    let (h2g_r, h2g_h) = (median(&mut h2g_raw), median(&mut h2g_hn));
+    let (g2h_r, g2h_h) = (median(&mut g2h_raw), median(&mut g2h_hn));
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| boot to ready: QEMU start → guest command server answers (median of {}) | {:.2} s |",
+        boots.len(),
+        median(&mut boots)
+    );
+    println!(
+        "| forwarder start → session with the agent up (median of {}) | {:.0} ms |",
+        sessions.len(),
+        median(&mut sessions) * 1e3
+    );
+    println!(
+        "| discovery: guest server bound → host 127.0.0.1 listening (median of {}) | {:.0} ms |",
+        add.len(),
+        median(&mut add)
+    );
+    println!(
+        "| removal: guest server killed → host port gone (median of {}) | {:.0} ms |",
+        remove.len(),
+        median(&mut remove)
+    );
+    println!(
+        "| (command round trip, spawn → READY answer) | {:.0} ms |",
+        median(&mut rtt)
+    );
+    println!(
+        "| host→guest, {} MiB, raw hybrid vsock | {h2g_r:.1} MB/s |",
+        args.mib
+    );
+    println!(
+        "| host→guest, {} MiB, hostnet | {h2g_h:.1} MB/s ({:.0} % of raw) |",
+        args.mib,
+        h2g_h / h2g_r * 100.0
+    );
+    println!(
+        "| guest→host, {} MiB, raw hybrid vsock | {g2h_r:.1} MB/s |",
+        args.mib
+    );
+    println!(
+        "| guest→host, {} MiB, hostnet | {g2h_h:.1} MB/s ({:.0} % of raw) |",
+        args.mib,
+        g2h_h / g2h_r * 100.0
+    );
+    Ok(())
+}
