@@ -8,6 +8,9 @@
 //! vm_guest udp-echo ADDR...          UDP echo
 //! vm_guest bulk [--vsock PORT]... [ADDR]...
 //!                                    bulk server on TCP addresses and/or vsock ports (below)
+//! vm_guest relay VSOCK_PORT ADDR    the minimal relay (benchmark baseline): each vsock
+//!                                    connection to a TCP connection to ADDR, one thread and a
+//!                                    256 KiB buffer per direction
 //! vm_guest echo-client ADDR SEED LEN WAIT_SECS
 //!                                    connect (retrying refusals for WAIT_SECS), send LEN PRNG
 //!                                    bytes of SEED, half-close, check the echo and the EOF
@@ -64,7 +67,8 @@ fn main() -> ExitCode {
         Some("udp-echo") => udp_echo(&args[1..]),
         Some("bulk") => bulk(&args[1..]),
         Some("echo-client") => echo_client(&args[1..]),
-        _ => Err("usage: vm_guest cmd|tcp-echo|udp-echo|bulk|echo-client ...".to_string()),
+        Some("relay") => relay(&args[1..]),
+        _ => Err("usage: vm_guest cmd|tcp-echo|udp-echo|bulk|relay|echo-client ...".to_string()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -547,4 +551,58 @@ fn echo_client(args: &[String]) -> Result<(), String> {
         t0.elapsed()
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Minimal relay (the benchmark's baseline for the guest's extra hop)
+// ---------------------------------------------------------------------------
+
+fn relay(args: &[String]) -> Result<(), String> {
+    let [port, addr] = args else {
+        return Err("usage: vm_guest relay VSOCK_PORT ADDR".into());
+    };
+    let port: u32 = port.parse().map_err(|e| format!("port: {e}"))?;
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let l = vsock_listen(port)?;
+    ready();
+    loop {
+        let v = match vsock_accept(&l) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("relay: accept: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        thread::spawn(move || {
+            let t = match TcpStream::connect(addr) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("relay: connect {addr}: {e}");
+                    return;
+                }
+            };
+            let (Ok(v2), Ok(t2)) = (v.try_clone(), t.try_clone()) else {
+                return;
+            };
+            let up = thread::spawn(move || copy_then_shutdown(v2, t2));
+            copy_then_shutdown(t, v);
+            let _ = up.join();
+        });
+    }
+}
+
+fn copy_then_shutdown(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
 }
