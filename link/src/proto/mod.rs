@@ -162,6 +162,32 @@
 //! then reaches the other side as EOF followed by a failed write; the acceptor follows the
 //! header either way.
 //!
+//! So on the VM transports half-close and reset always travel **in-band**: the forwarder picks
+//! framed for `hybrid-vsock://` (vhost-device-vsock turns a host `shutdown(SHUT_WR)` into a full
+//! shutdown towards the guest and never passes a guest `SHUT_WR` to the host, and has no reset)
+//! and for `vsock://` (AF_VSOCK between kernels does carry `SHUT_WR` as a `VSOCK_OP_SHUTDOWN`
+//! with the SEND flag, but a close is indistinguishable from an abort, so resets still need the
+//! RESET frame). The agent follows the header, so it runs framed on its `vsock://any:PORT`
+//! listener whatever the host side is. Over the hypervisor the transport stream is closed only
+//! after both ENDs (or a RESET) have crossed, so the backend's full shutdown never cuts a
+//! direction short. The real-VM test (`tests/tests/vm.rs`: QEMU, vhost-device-vsock, the agent
+//! in the guest) checks half-close, resets and 64 MiB both ways over this path.
+//!
+//! **Connection caps.** Every relayed TCP connection, UDP flow and dial-back is one transport
+//! connection, plus one for the control stream. Firecracker and Cloud Hypervisor allow 1023
+//! connections per vsock device; at the cap the hypervisor turns the host's `CONNECT` away by
+//! closing its unix connection without a reply, as for a port nobody listens on. The
+//! forwarder then gets [`TransportError::NoListener`](crate::transport::TransportError) at once
+//! (or `HandshakeTimeout` after [`Timeouts::handshake`](crate::transport::Timeouts), 5 s, from
+//! a backend that never answers: nothing waits longer) and counts it in `link_open_failed`
+//! (`hostnet-forwarder status`): a host TCP client is reset (warning logged), a new UDP flow's
+//! datagrams are dropped (`udp_datagrams_dropped`), and a dial-back is abandoned, so the agent
+//! resets its guest client when no stream has come within [`STATUS_TIMEOUT`]. Established
+//! relays and the control stream are untouched, and the next connection succeeds once one has
+//! closed. To refuse before the hypervisor does, run the forwarder with
+//! `--max-streams 1000` (its own limit, counted in `streams_refused`; the default, 8192, is
+//! above the cap). Multiplexing streams over fewer connections is a later protocol step.
+//!
 //! On a UDP flow stream the payload is a sequence of **datagrams**, each `len: u16 BE ‖ len
 //! bytes` ([`encode_datagram`]), both ways; an idle flow is closed by either side (the header
 //! and status carry no timer: each side applies its own idle timeout, refreshed by traffic in
