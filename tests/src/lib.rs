@@ -27,12 +27,16 @@
 //! ways, 500 connections, half-close, resets, refused, discovery timing, status), `udp_reverse`
 //! (UDP both ways, the reverse direction, loops), `faults` (kill -9, SIGSTOP, restarts, conflicts,
 //! stray clients, tokens, UDP expiry), `transports` (tcp and quic), `edges` (v6only, limits,
-//! backpressure, 100 ports), `sandbox`, `harness`. The benchmark is `src/bin/bridge_bench.rs`, run
-//! by `bench/bridge.sh`.
+//! backpressure, 100 ports), `sandbox`, `harness`, `vm` (the real VM: one boot, the scenario list
+//! in order). The benchmarks are `src/bin/bridge_bench.rs`, run by `bench/bridge.sh`, and
+//! `src/bin/vm_bench.rs`, run by `bench/vm.sh`.
 //!
 //! Environment: `HOSTNET_SKIP_PRIVILEGED=1` skips the namespace tests when they cannot run;
 //! `HOSTNET_E2E_LOG=debug` sets `RUST_LOG` for the agent and the forwarder; `HOSTNET_BIN_DIR`
-//! points at other binaries than Cargo's.
+//! points at other binaries than Cargo's. The real-VM test: `HOSTNET_SKIP_VM=1` skips it when its
+//! prerequisites (`scripts/vm-setup.sh`, root) are missing; `HOSTNET_VM_CACHE` is the setup's
+//! cache dir (default `target/hostnet-vm`); `HOSTNET_VM_BIN_DIR` holds prebuilt static guest
+//! binaries (`hostnet-agent`, `vm_guest`) instead of building them.
 //!
 //! The namespace tests need root. [`privileged`] decides: without root (or when `ip netns` fails)
 //! it panics, unless `HOSTNET_SKIP_PRIVILEGED=1`, in which case it prints a note and the test
