@@ -37,6 +37,14 @@ if ! grep -qE 'not a dynamic executable|statically linked' <<<"$ldd_out"; then
     exit 1
 fi
 
+# The Rust standard library for musl (the guest binaries are static); without it the test
+# falls back to a static glibc build.
+if command -v rustup >/dev/null 2>&1 \
+    && ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    log "rustup target add x86_64-unknown-linux-musl"
+    rustup target add x86_64-unknown-linux-musl >&2 || log "no musl target; static glibc it is"
+fi
+
 # 2. The guest kernel: the package linux-image-cloud-amd64 currently depends on, unpacked.
 kdir="$cache/kernel"
 if ! ls "$kdir"/root/boot/vmlinuz-* >/dev/null 2>&1; then

@@ -180,12 +180,21 @@ fn build_guest_binaries() -> anyhow::Result<GuestBinaries> {
     } else {
         let target_dir = cache_dir().join("target");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        // musl when its standard library is installed (scripts/vm-setup.sh adds it with rustup),
+        // else a static glibc build of the host target: both run in the busybox guest.
+        let (target, static_glibc) = match musl_installed() {
+            true => (MUSL.to_string(), false),
+            false => (host_target()?, true),
+        };
         let t0 = Instant::now();
         let mut cmd = Command::new(&cargo);
         scrub_cargo_env(&mut cmd);
+        if static_glibc {
+            cmd.env("RUSTFLAGS", "-C target-feature=+crt-static");
+        }
         let out = cmd
             .current_dir(workspace_root())
-            .args(["build", "--release", "--target", MUSL, "--target-dir"])
+            .args(["build", "--release", "--target", &target, "--target-dir"])
             .arg(&target_dir)
             .args(["-p", "hostnet-agent", "-p", "hostnet-e2e"])
             .args(["--bin", "hostnet-agent", "--bin", "vm_guest"])
@@ -193,14 +202,18 @@ fn build_guest_binaries() -> anyhow::Result<GuestBinaries> {
             .with_context(|| format!("running {cargo:?}"))?;
         if !out.status.success() {
             bail!(
-                "building the guest binaries for {MUSL} failed ({}; is the target installed, \
-                 and musl-gcc (musl-tools) for ring?):\n{}",
+                "building the guest binaries for {target} failed ({}; for musl, musl-gcc \
+                 (musl-tools) is needed for ring):\n{}",
                 out.status,
                 tail(&String::from_utf8_lossy(&out.stderr), 6000)
             );
         }
-        eprintln!("vm: guest binaries built in {:.1?}", t0.elapsed());
-        target_dir.join(MUSL).join("release")
+        eprintln!(
+            "vm: guest binaries built for {target}{} in {:.1?}",
+            if static_glibc { " (static glibc)" } else { "" },
+            t0.elapsed()
+        );
+        target_dir.join(&target).join("release")
     };
     let bins = GuestBinaries {
         agent: dir.join("hostnet-agent"),
@@ -210,6 +223,33 @@ fn build_guest_binaries() -> anyhow::Result<GuestBinaries> {
         check_static(p)?;
     }
     Ok(bins)
+}
+
+/// True when rustc has the musl standard library.
+fn musl_installed() -> bool {
+    Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| {
+            let sysroot = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            Path::new(&sysroot)
+                .join("lib/rustlib")
+                .join(MUSL)
+                .join("lib")
+                .is_dir()
+        })
+}
+
+/// The host's target triple (`rustc -vV`).
+fn host_target() -> anyhow::Result<String> {
+    let out = Command::new("rustc").arg("-vV").output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_string)
+        .context("rustc -vV names no host")
 }
 
 /// Removes what Cargo sets for the test (or `cargo run`) that runs us, so that the nested build
