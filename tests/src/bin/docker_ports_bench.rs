@@ -6,8 +6,8 @@
 //! trial: time until `docker run -d` returns (dockerd starts the proxies one by one and waits for
 //! each one's readiness), total RSS and PSS and the thread count of all proxy processes, and the
 //! time `docker rm -f` takes (dockerd stops them one by one and waits for each). Medians of
-//! `--trials`; within a trial a daemon with each proxy runs in turn (same data root, image and
-//! range). To show how much of those times is the proxy's own, each proxy is also run alone the
+//! `--trials`; within a trial a daemon with each proxy runs in turn, the first one alternating (same
+//! data root, image and range). To show how much of those times is the proxy's own, each proxy is also run alone the
 //! way dockerd runs it (readiness pipe on fd 3): exec to `0\n`, and SIGINT to exit. Needs root;
 //! run it with `bench/docker.sh` (static release hostnet-proxy).
 
@@ -209,7 +209,10 @@ fn main() -> Result<()> {
     let mut results: Vec<Vec<Trial>> = vec![Vec::new(); kinds.len()];
     let mut version = String::new();
     for n in 0..args.trials {
-        for (k, (label, path)) in kinds.iter().enumerate() {
+        // ABBA: which daemon goes first alternates, so that running second is no bias.
+        let order = if n % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let (label, path) = &kinds[k];
             let d = lab.start(Some(path), &[], &[])?;
             version = d
                 .docker_ok(&["version", "--format", "{{.Server.Version}}"])?
