@@ -274,6 +274,7 @@ mod prop {
         inner: DuplexStream,
         limits: Vec<usize>,
         turn: usize,
+        vectored: bool,
     }
 
     impl AsyncRead for Short {
@@ -314,7 +315,7 @@ mod prop {
         }
 
         fn is_write_vectored(&self) -> bool {
-            true
+            self.vectored
         }
 
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -342,8 +343,8 @@ mod prop {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             rt.block_on(async {
                 let (a, b) = tokio::io::duplex(capacity);
-                let a = Short { inner: a, limits: limits.clone(), turn: 0 };
-                let b = Short { inner: b, limits, turn: 0 };
+                let a = Short { inner: a, limits: limits.clone(), turn: 0, vectored: true };
+                let b = Short { inner: b, limits, turn: 0, vectored: true };
                 let (mut a, mut b) = (Framed::new(a), Framed::new(b));
                 let expect = data.clone();
                 let reader = async move {
@@ -376,6 +377,68 @@ mod prop {
                     let mut reply = Vec::new();
                     a.read_to_end(&mut reply).await.unwrap();
                     assert_eq!(reply, b"done");
+                };
+                tokio::join!(reader, writer);
+            });
+        }
+
+        /// The same with the relay's writes (`poll_write_headroom`: the frame head written in
+        /// room before the payload, one plain write), on a transport without vectored writes,
+        /// read with large buffers (payload straight into them, the next head read along).
+        #[test]
+        fn headroom_writes_carry_any_split(
+            data in proptest::collection::vec(any::<u8>(), 0..300_000),
+            writes in proptest::collection::vec(1usize..400_000, 1..8),
+            reads in proptest::collection::vec(8192usize..100_000, 1..8),
+            capacity in 1usize..70_000,
+            limits in proptest::collection::vec(1usize..100_000, 1..8),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let (a, b) = tokio::io::duplex(capacity);
+                let a = Short { inner: a, limits: limits.clone(), turn: 0, vectored: false };
+                let b = Short { inner: b, limits, turn: 0, vectored: false };
+                let (mut a, mut b) = (Framed::new(a), Framed::new(b));
+                let expect = data.clone();
+                let reader = async move {
+                    let mut got = Vec::new();
+                    let mut buf = vec![0u8; 100_000];
+                    let mut i = 0;
+                    loop {
+                        let want = reads[i % reads.len()];
+                        i += 1;
+                        let n = b.read(&mut buf[..want]).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    assert_eq!(got, expect);
+                };
+                let writer = async move {
+                    let head = proto::framed::DATA_HEAD_LEN;
+                    let mut pos = 0;
+                    let mut i = 0;
+                    while pos < data.len() {
+                        let n = writes[i % writes.len()].min(data.len() - pos);
+                        i += 1;
+                        // Room for the head, then the chunk; the caller keeps offering the
+                        // rest, with the already written bytes as room for the next head.
+                        let mut frame = vec![0xeeu8; head];
+                        frame.extend_from_slice(&data[pos..pos + n]);
+                        let mut off = 0;
+                        while off < n {
+                            let took = std::future::poll_fn(|cx| {
+                                a.poll_write_headroom(cx, &mut frame[off..])
+                            })
+                            .await
+                            .unwrap();
+                            assert!(took > 0);
+                            off += took;
+                        }
+                        pos += n;
+                    }
+                    a.shutdown().await.unwrap();
                 };
                 tokio::join!(reader, writer);
             });

@@ -95,10 +95,17 @@ pub fn decode_frame_head(buf: &[u8]) -> Result<Option<(FrameHead, usize)>, Proto
     }
 }
 
-/// Size of the read buffer (payload is streamed through it, frames need not fit).
+/// Size of the read-ahead buffer, allocated on the first read smaller than [`DIRECT_READ_MIN`]
+/// (payload is streamed through it, frames need not fit).
 const RBUF_LEN: usize = 64 * 1024;
+/// Size of the read buffer until then: frame heads only (a partial head plus the next head read
+/// along with a payload), so that a stream read with large buffers (a relay) holds no more.
+const HEAD_BUF_LEN: usize = 16;
 /// Read payload straight into the caller's buffer when at least this much is wanted.
 const DIRECT_READ_MIN: usize = 8 * 1024;
+/// A write buffer grown beyond this (a whole frame queued on a transport without vectored
+/// writes) is freed once drained, so that an idle stream does not keep it.
+const WBUF_KEEP: usize = 4 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReadState {
@@ -164,7 +171,7 @@ impl<S> Framed<S> {
     pub fn new(inner: S) -> Self {
         Framed {
             inner,
-            rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
+            rbuf: vec![0u8; HEAD_BUF_LEN].into_boxed_slice(),
             rpos: 0,
             rlen: 0,
             data_left: 0,
@@ -214,6 +221,17 @@ impl<S: AsyncRead + Unpin> Framed<S> {
     /// Reads from `S` into the free end of `rbuf`, until `rbuf` holds at most `limit` bytes;
     /// `Ok(0)` at EOF.
     fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<usize>> {
+        if limit > self.rbuf.len() {
+            // First read-ahead: grow the head buffer, keeping what it holds.
+            let mut grown = vec![0u8; RBUF_LEN.max(limit)].into_boxed_slice();
+            let held = self.rbuf.get(self.rpos..self.rlen).unwrap_or_default();
+            if let Some(dst) = grown.get_mut(..held.len()) {
+                dst.copy_from_slice(held);
+            }
+            self.rlen -= self.rpos;
+            self.rpos = 0;
+            self.rbuf = grown;
+        }
         if self.rpos == self.rlen {
             self.rpos = 0;
             self.rlen = 0;
@@ -275,10 +293,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
                 }
                 let want = this.data_left.min(buf.remaining());
                 let n = if want >= DIRECT_READ_MIN {
-                    // Large read: straight into the caller's buffer, no copy.
-                    let mut direct = ReadBuf::new(buf.initialize_unfilled_to(want));
+                    // Large read: straight into the caller's buffer, no copy. If the rest of the
+                    // frame fits with room to spare, read the next frame's head along with it
+                    // (into the unfilled part of the caller's buffer, then moved to `rbuf`), so
+                    // that a stream of data frames costs one read per frame.
+                    let ahead = if want == this.data_left {
+                        DATA_HEAD_LEN.min(buf.remaining() - want)
+                    } else {
+                        0
+                    };
+                    let mut direct = ReadBuf::new(buf.initialize_unfilled_to(want + ahead));
                     ready!(Pin::new(&mut this.inner).poll_read(cx, &mut direct))?;
-                    let n = direct.filled().len();
+                    let got = direct.filled().len();
+                    let n = got.min(want);
+                    if got > n {
+                        // Only the empty head buffer receives these (payload is read
+                        // straight only when `rbuf` holds nothing).
+                        let extra = direct.filled().get(n..got).unwrap_or_default();
+                        let Some(dst) = this.rbuf.get_mut(..extra.len()) else {
+                            return Poll::Ready(Err(io::Error::other(
+                                "framed read buffer overrun",
+                            )));
+                        };
+                        dst.copy_from_slice(extra);
+                        this.rpos = 0;
+                        this.rlen = extra.len();
+                    }
                     buf.advance(n);
                     this.data_left -= n;
                     if n > 0 {
@@ -347,7 +387,11 @@ impl<S: AsyncWrite + Unpin> Framed<S> {
             }
             self.wpos += n;
         }
-        self.wbuf.clear();
+        if self.wbuf.capacity() > WBUF_KEEP {
+            self.wbuf = Vec::new();
+        } else {
+            self.wbuf.clear();
+        }
         self.wpos = 0;
         Poll::Ready(Ok(()))
     }
@@ -403,6 +447,94 @@ impl<S: AsyncWrite + Unpin> Framed<S> {
     pub async fn reset(&mut self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.poll_reset(cx)).await
     }
+
+    /// Whether a data frame may be written now.
+    fn check_writable(&self) -> io::Result<()> {
+        match self.wstate {
+            WriteState::Open => {}
+            WriteState::Ending | WriteState::Ended => {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "write after shutdown of the link stream",
+                ));
+            }
+            WriteState::Resetting | WriteState::Reset => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "write after reset of the link stream",
+                ));
+            }
+        }
+        if self.rstate == ReadState::PeerReset {
+            return Err(reset_error());
+        }
+        Ok(())
+    }
+
+    /// Writes the rest of a frame whose head is out (`owed > 0`, write buffer drained): these
+    /// bytes go straight through.
+    fn poll_write_owed(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let n = self.owed.min(buf.len());
+        let chunk = buf.get(..n).unwrap_or_default();
+        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, chunk))?;
+        if written == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        self.owed -= written.min(self.owed);
+        Poll::Ready(Ok(written))
+    }
+
+    /// Writes `frame[DATA_HEAD_LEN..]` as payload, using `frame[..DATA_HEAD_LEN]` as room for
+    /// the data frame's head (overwritten), so that head and payload leave in one write
+    /// without copying the payload, vectored writes or not. Returns how many payload bytes
+    /// were taken, like `poll_write` (`Ok(0)` only for an empty payload).
+    ///
+    /// As after a short `poll_write`, the rest must be written next (by this or `poll_write`).
+    /// `Pending` may also follow a head that went out only in part: then too the same payload
+    /// must be offered again.
+    pub fn poll_write_headroom(
+        &mut self,
+        cx: &mut Context<'_>,
+        frame: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check_writable()?;
+        let Some((room, payload)) = frame.split_first_chunk_mut::<DATA_HEAD_LEN>() else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no room for a frame head",
+            )));
+        };
+        if payload.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(self.poll_drain(cx))?;
+        if self.owed > 0 {
+            return self.poll_write_owed(cx, payload);
+        }
+        let n = payload.len().min(MAX_FRAME_DATA as usize);
+        let mut head = Vec::with_capacity(DATA_HEAD_LEN);
+        FrameHead::Data(n).encode(&mut head).map_err(invalid)?;
+        room.copy_from_slice(head.get(..DATA_HEAD_LEN).unwrap_or_default());
+        let out = frame.get(..DATA_HEAD_LEN + n).unwrap_or_default();
+        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, out))?;
+        if written == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        if written > DATA_HEAD_LEN {
+            let took = written - DATA_HEAD_LEN;
+            self.owed = n - took.min(n);
+            return Poll::Ready(Ok(took.min(n)));
+        }
+        // At most the head went out: queue the rest of it; the payload is owed.
+        self.wbuf
+            .extend_from_slice(head.get(written..).unwrap_or_default());
+        self.owed = n;
+        ready!(self.poll_drain(cx))?;
+        let payload = frame
+            .get(DATA_HEAD_LEN..DATA_HEAD_LEN + n)
+            .unwrap_or_default();
+        self.poll_write_owed(cx, payload)
+    }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
@@ -412,38 +544,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match this.wstate {
-            WriteState::Open => {}
-            WriteState::Ending | WriteState::Ended => {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "write after shutdown of the link stream",
-                )));
-            }
-            WriteState::Resetting | WriteState::Reset => {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "write after reset of the link stream",
-                )));
-            }
-        }
-        if this.rstate == ReadState::PeerReset {
-            return Poll::Ready(Err(reset_error()));
-        }
+        this.check_writable()?;
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
         ready!(this.poll_drain(cx))?;
         if this.owed > 0 {
-            // The rest of a frame whose head is out: these bytes go straight through.
-            let n = this.owed.min(buf.len());
-            let chunk = buf.get(..n).unwrap_or_default();
-            let written = ready!(Pin::new(&mut this.inner).poll_write(cx, chunk))?;
-            if written == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            this.owed -= written.min(this.owed);
-            return Poll::Ready(Ok(written));
+            return this.poll_write_owed(cx, buf);
         }
         let n = buf.len().min(MAX_FRAME_DATA as usize);
         let chunk = buf.get(..n).unwrap_or_default();
@@ -555,6 +662,25 @@ impl<S> PayloadStream<S> {
 }
 
 impl<S: AsyncWrite + Unpin> PayloadStream<S> {
+    /// Writes `frame[DATA_HEAD_LEN..]`: in framed mode as [`Framed::poll_write_headroom`]
+    /// (head and payload in one write, `frame[..DATA_HEAD_LEN]` overwritten), in raw mode as a
+    /// plain write. Returns the payload bytes taken.
+    pub fn poll_write_headroom(
+        &mut self,
+        cx: &mut Context<'_>,
+        frame: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            PayloadStream::Raw(s) => {
+                let payload = frame.get(DATA_HEAD_LEN..).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "no room for a frame head")
+                })?;
+                Pin::new(s).poll_write(cx, payload)
+            }
+            PayloadStream::Framed(f) => f.poll_write_headroom(cx, frame),
+        }
+    }
+
     /// In framed mode, sends a RESET frame and returns `Ok(true)`. In raw mode does nothing
     /// and returns `Ok(false)`: the caller resets the transport stream its own way
     /// (`SO_LINGER` 0 then close; QUIC `reset`).
