@@ -46,8 +46,9 @@ pub const AGENT_PORT: u32 = 5000;
 pub const CMD_PORT: u32 = 10240;
 /// The guest CID given to the device (the hybrid host side never sees it).
 pub const GUEST_CID: u32 = 3;
-/// How long a boot may take before the test gives up (TCG on a busy 2-core CI machine).
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long one boot may take before it counts as failed (TCG on a busy 2-core CI machine; a
+/// boot takes 2.5 s here).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// The guest's RAM.
 const MEM: &str = "256M";
 const MUSL: &str = "x86_64-unknown-linux-musl";
@@ -608,8 +609,24 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Boots the guest and waits (at most [`BOOT_TIMEOUT`]) until its command server answers.
+    /// Boots the guest and waits (at most [`BOOT_TIMEOUT`]) until its command server answers;
+    /// a failed boot is torn down and tried once more. Seen once in about 30 boots here: the
+    /// guest came up (its console said so) but vhost-device-vsock 0.3.0 never served its
+    /// hybrid socket (connects to it failed with EAGAIN, a full backlog), which is the backend's
+    /// fault, not the guest's or ours; both boots' errors are reported if the second fails too.
     pub fn boot(tools: &VmTools) -> anyhow::Result<Vm> {
+        match Self::boot_once(tools) {
+            Ok(vm) => Ok(vm),
+            Err(first) => {
+                eprintln!("vm: boot failed; booting once more. The failure: {first:#}");
+                Self::boot_once(tools).map_err(|e| {
+                    e.context(format!("the second boot failed too; the first: {first:#}"))
+                })
+            }
+        }
+    }
+
+    fn boot_once(tools: &VmTools) -> anyhow::Result<Vm> {
         let initrd = cached_initramfs(tools)?;
         let dir = TempDir::new("vm")?;
         let vhost = dir.join("vhost.sock");
@@ -620,6 +637,8 @@ impl Vm {
             vhost.display(),
             uds.display()
         ));
+        // Its warnings and errors go to the failure report.
+        cmd.env("RUST_LOG", "warn");
         die_with_parent(&mut cmd);
         let mut backend = Proc::spawn("vhost-device-vsock", cmd);
         if !wait_until(after(Duration::from_secs(10)), || {
