@@ -327,6 +327,21 @@ mod prop {
         }
     }
 
+    /// Reads until EOF with read sizes taken in turn from `reads`.
+    async fn read_to_eof<R: AsyncRead + Unpin>(r: &mut R, reads: &[usize]) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 100_000];
+        for i in 0.. {
+            let want = reads[i % reads.len()];
+            let n = r.read(&mut buf[..want]).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -348,18 +363,7 @@ mod prop {
                 let (mut a, mut b) = (Framed::new(a), Framed::new(b));
                 let expect = data.clone();
                 let reader = async move {
-                    let mut got = Vec::new();
-                    let mut buf = vec![0u8; 100_000];
-                    let mut i = 0;
-                    loop {
-                        let want = reads[i % reads.len()];
-                        i += 1;
-                        let n = b.read(&mut buf[..want]).await.unwrap();
-                        if n == 0 {
-                            break;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                    }
+                    let got = read_to_eof(&mut b, &reads).await;
                     assert_eq!(got, expect);
                     b.write_all(b"done").await.unwrap();
                     b.shutdown().await.unwrap();
@@ -401,18 +405,7 @@ mod prop {
                 let (mut a, mut b) = (Framed::new(a), Framed::new(b));
                 let expect = data.clone();
                 let reader = async move {
-                    let mut got = Vec::new();
-                    let mut buf = vec![0u8; 100_000];
-                    let mut i = 0;
-                    loop {
-                        let want = reads[i % reads.len()];
-                        i += 1;
-                        let n = b.read(&mut buf[..want]).await.unwrap();
-                        if n == 0 {
-                            break;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                    }
+                    let got = read_to_eof(&mut b, &reads).await;
                     assert_eq!(got, expect);
                 };
                 let writer = async move {
