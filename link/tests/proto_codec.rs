@@ -7,9 +7,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hostnet_link::proto::{
-    self, Changes, ControlError, ControlMessage, DialBack, DialBackId, ErrorCode, Heartbeat, Hello,
-    Listener, MAX_CONTROL_LEN, MAX_HEADER_LEN, Proto, ProtoError, RelayStatus, RelayTarget, Resync,
-    Role, Side, Snapshot, StreamHeader, StreamKind, StreamMode,
+    self, BindState, Changes, ControlError, ControlMessage, DialBack, DialBackId, ErrorCode,
+    Heartbeat, Hello, Listener, MAX_CONTROL_LEN, MAX_HEADER_LEN, MAX_MIRROR_HOSTS,
+    MAX_MIRROR_REASON, MirrorState, Proto, ProtoError, RelayStatus, RelayTarget, Resync, Role,
+    Side, Snapshot, StreamHeader, StreamKind, StreamMode,
 };
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
@@ -136,6 +137,29 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                     message
                 })
             ),
+        (
+            proto_(),
+            any::<u16>(),
+            ip(),
+            proptest::collection::vec(ip(), 0..4),
+            prop_oneof![
+                Just(BindState::Active),
+                Just(BindState::Conflict),
+                Just(BindState::Retrying),
+                Just(BindState::Closed)
+            ],
+            proptest::option::of(".{0,60}"),
+        )
+            .prop_map(|(proto, port, bind, hosts, state, reason)| {
+                ControlMessage::MirrorState(MirrorState {
+                    proto,
+                    port,
+                    bind,
+                    hosts,
+                    state,
+                    reason: reason.map(MirrorState::cut_reason),
+                })
+            }),
     ]
 }
 
@@ -547,6 +571,51 @@ async fn silent_peer_times_out() {
     drop(a);
 }
 
+#[tokio::test]
+async fn mirror_state_limits_hold_on_decode_and_encode() {
+    let msg = |reason: String, hosts: usize| {
+        ControlMessage::MirrorState(MirrorState {
+            proto: Proto::Tcp,
+            port: 80,
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            hosts: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED); hosts],
+            state: BindState::Conflict,
+            reason: Some(reason),
+        })
+    };
+    // At the limits: fine both ways.
+    let ok = msg("é".repeat(MAX_MIRROR_REASON / 2), MAX_MIRROR_HOSTS);
+    let mut out = Vec::new();
+    proto::encode_control(&ok, &mut out).unwrap();
+    assert_eq!(proto::decode_control(&out).unwrap().unwrap().0, ok);
+    // Over them: the encoder refuses, and hand-made bytes are Invalid on decode and read.
+    for bad in [
+        msg("x".repeat(MAX_MIRROR_REASON + 1), 1),
+        msg(String::new(), MAX_MIRROR_HOSTS + 1),
+    ] {
+        let mut out = Vec::new();
+        assert!(matches!(
+            proto::encode_control(&bad, &mut out),
+            Err(ProtoError::Invalid { .. })
+        ));
+        let body = postcard::to_allocvec(&bad).unwrap();
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&body);
+        assert!(matches!(
+            proto::decode_control(&bytes),
+            Err(ProtoError::Invalid { .. })
+        ));
+        let mut r = &bytes[..];
+        assert!(matches!(
+            proto::read_control(&mut r).await,
+            Err(ProtoError::Invalid { .. })
+        ));
+    }
+    // The agent's helper cuts at a character boundary.
+    let cut = MirrorState::cut_reason("é".repeat(MAX_MIRROR_REASON));
+    assert!(cut.len() <= MAX_MIRROR_REASON && cut.len() > MAX_MIRROR_REASON - 2);
+}
+
 #[test]
 fn status_helpers() {
     let long = "é".repeat(2000);
@@ -662,6 +731,28 @@ fn golden_bytes_match_the_documented_encoding() {
         (
             "000000020301",
             ControlMessage::Resync(Resync { side: Side::Host }),
+        ),
+        (
+            "00000018 07 00 c03e 007f000001 01007f000001 01 0106696e20757365",
+            ControlMessage::MirrorState(MirrorState {
+                proto: Proto::Tcp,
+                port: 8000,
+                bind: "127.0.0.1".parse().unwrap(),
+                hosts: vec!["127.0.0.1".parse().unwrap()],
+                state: BindState::Conflict,
+                reason: Some("in use".into()),
+            }),
+        ),
+        (
+            "00000017 07 01 35 01 00000000000000000000000000000001 00 00 00",
+            ControlMessage::MirrorState(MirrorState {
+                proto: Proto::Udp,
+                port: 53,
+                bind: "::1".parse().unwrap(),
+                hosts: vec![],
+                state: BindState::Active,
+                reason: None,
+            }),
         ),
     ] {
         let mut out = Vec::new();

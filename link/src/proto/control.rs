@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::envelope::{self, Kind};
-use super::{DialBackId, MAX_CONTROL_LEN, ProtoError};
+use super::{DialBackId, MAX_CONTROL_LEN, MAX_MIRROR_HOSTS, MAX_MIRROR_REASON, ProtoError};
 
 const WHAT: &str = "control message";
 const KIND: Kind = Kind {
@@ -33,11 +33,22 @@ pub enum ControlMessage {
     Heartbeat(Heartbeat),
     /// Tag 6: the sender reports an error; if `fatal`, it closes the control stream next.
     Error(ControlError),
+    /// Tag 7: the agent reports the bind result of one reverse mirror (only to a forwarder that
+    /// listed [`caps::MIRROR_STATE`](super::caps::MIRROR_STATE)).
+    MirrorState(MirrorState),
 }
 
 impl ControlMessage {
     /// How many message types this version knows.
-    pub const TAGS: u32 = 7;
+    pub const TAGS: u32 = 8;
+
+    /// Checks the per-field limits that the envelope's length limit does not cover.
+    fn check(&self) -> Result<(), ProtoError> {
+        match self {
+            ControlMessage::MirrorState(m) => m.check(),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Which program sent a [`Hello`].
@@ -180,14 +191,104 @@ pub struct ControlError {
     pub message: String,
 }
 
-/// Appends the encoded message to `out`.
+/// What a reverse mirror's bind came to, in a [`MirrorState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum BindState {
+    /// Tag 0: bound; guest clients reach the host service.
+    Active,
+    /// Tag 1: the address is taken in the VM (or the port needs a right the agent lacks);
+    /// retried until it frees.
+    Conflict,
+    /// Tag 2: the bind failed for another reason; retried.
+    Retrying,
+    /// Tag 3: the mirror is gone (its host listener went away, or the guest now reports that
+    /// port itself); the receiver forgets it.
+    Closed,
+}
+
+impl BindState {
+    /// The name `hostnet-forwarder status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            BindState::Active => "active",
+            BindState::Conflict => "conflict",
+            BindState::Retrying => "retrying",
+            BindState::Closed => "closed",
+        }
+    }
+}
+
+/// The state of one reverse mirror: a socket the agent binds on the VM's loopback for host
+/// listeners the forwarder reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorState {
+    /// TCP or UDP.
+    pub proto: Proto,
+    /// The port (the same in the VM and on the host).
+    pub port: u16,
+    /// The VM address the agent binds: `127.0.0.1` or `::1`.
+    pub bind: IpAddr,
+    /// The addresses of the reported host listeners this mirror serves, as the forwarder named
+    /// them in its listener messages; at most [`MAX_MIRROR_HOSTS`](super::MAX_MIRROR_HOSTS).
+    pub hosts: Vec<IpAddr>,
+    /// The bind result.
+    pub state: BindState,
+    /// Why, for `Conflict` and `Retrying`: at most
+    /// [`MAX_MIRROR_REASON`](super::MAX_MIRROR_REASON) bytes ([`MirrorState::cut_reason`]).
+    pub reason: Option<String>,
+}
+
+impl MirrorState {
+    /// Cuts `reason` to [`MAX_MIRROR_REASON`](super::MAX_MIRROR_REASON) bytes (at a character
+    /// boundary).
+    pub fn cut_reason(reason: impl Into<String>) -> String {
+        let mut reason = reason.into();
+        if reason.len() > MAX_MIRROR_REASON {
+            let mut end = MAX_MIRROR_REASON;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        reason
+    }
+
+    fn check(&self) -> Result<(), ProtoError> {
+        if self
+            .reason
+            .as_ref()
+            .is_some_and(|r| r.len() > MAX_MIRROR_REASON)
+        {
+            return Err(ProtoError::Invalid {
+                what: WHAT,
+                reason: "mirror state reason longer than MAX_MIRROR_REASON",
+            });
+        }
+        if self.hosts.len() > MAX_MIRROR_HOSTS {
+            return Err(ProtoError::Invalid {
+                what: WHAT,
+                reason: "mirror state with more than MAX_MIRROR_HOSTS host addresses",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Appends the encoded message to `out`; a message over a field limit is
+/// [`ProtoError::Invalid`].
 pub fn encode_control(msg: &ControlMessage, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    msg.check()?;
     envelope::encode(KIND, msg, out)
 }
 
-/// Decodes a message from the front of `buf`: `Ok(None)` if more bytes are needed.
+/// Decodes a message from the front of `buf`: `Ok(None)` if more bytes are needed; a message
+/// over a field limit is [`ProtoError::Invalid`].
 pub fn decode_control(buf: &[u8]) -> Result<Option<(ControlMessage, usize)>, ProtoError> {
-    envelope::decode(KIND, buf)
+    let decoded = envelope::decode::<ControlMessage>(KIND, buf)?;
+    if let Some((msg, _)) = &decoded {
+        msg.check()?;
+    }
+    Ok(decoded)
 }
 
 /// Writes one message and flushes.
@@ -195,6 +296,7 @@ pub async fn write_control<W>(w: &mut W, msg: &ControlMessage) -> Result<(), Pro
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
+    msg.check()?;
     envelope::write(KIND, w, msg).await
 }
 
@@ -205,7 +307,11 @@ pub async fn read_control<R>(r: &mut R) -> Result<Option<ControlMessage>, ProtoE
 where
     R: AsyncRead + Unpin + ?Sized,
 {
-    envelope::read(KIND, r).await
+    let msg = envelope::read::<ControlMessage, _>(KIND, r).await?;
+    if let Some(m) = &msg {
+        m.check()?;
+    }
+    Ok(msg)
 }
 
 /// The listeners in `new` and not in `old` (added), and in `old` and not in `new` (removed).

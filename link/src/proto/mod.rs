@@ -57,6 +57,7 @@
 //! | stream header body | [`MAX_HEADER_LEN`] = 16 KiB |
 //! | relay status body | [`MAX_STATUS_LEN`] = 4 KiB (error message ≤ [`MAX_STATUS_MESSAGE`] = 1 KiB) |
 //! | control message body | [`MAX_CONTROL_LEN`] = 4 MiB (≥ 190,000 listeners in one snapshot) |
+//! | `MirrorState` reason, host addresses | [`MAX_MIRROR_REASON`] = 256 bytes, [`MAX_MIRROR_HOSTS`] = 64 |
 //! | data frame payload | [`MAX_FRAME_DATA`] = 256 KiB (a receiver streams the payload; it need not buffer a whole frame) |
 //! | datagram | [`MAX_DATAGRAM`] = 65,535 bytes |
 //!
@@ -209,11 +210,14 @@
 //!                | 4 DialBack { id: u64, proto: Proto, target: SocketAddr, client: SocketAddr }
 //!                | 5 Heartbeat { counter: u64, unix_millis: u64 }
 //!                | 6 Error    { code: ErrorCode, fatal: bool, message: String }
+//!                | 7 MirrorState { proto: Proto, port: u16, bind: IpAddr, hosts: Vec<IpAddr>,
+//!                                  state: BindState, reason: Option<String> }
 //! Role      = 0 Forwarder | 1 Agent
 //! Side      = 0 Guest (the agent's listeners) | 1 Host (the forwarder's listeners)
 //! Proto     = 0 Tcp | 1 Udp
 //! Listener  = { proto: Proto, addr: IpAddr, port: u16, v6only: bool }
 //! ErrorCode = 0 Protocol | 1 Version | 2 Auth | 3 Internal
+//! BindState = 0 Active | 1 Conflict | 2 Retrying | 3 Closed
 //! ```
 //!
 //! State machine (each side; "close" means close the control stream, which tears down every
@@ -250,10 +254,28 @@
 //! 4. **Dial-back** (both sides have [`caps::DIAL_BACK`]): the agent sends `DialBack` with an
 //!    id unique among its pending requests; the forwarder answers with a `DialBack` stream
 //!    (above), never on the control stream.
-//! 5. **Heartbeats.** Each side sends `Heartbeat` every [`HEARTBEAT_INTERVAL`] (1 s), with
+//! 5. **Mirror states** (the forwarder listed [`caps::MIRROR_STATE`] and both sides have
+//!    [`caps::REVERSE`]; the agent lists it too): the agent sends `MirrorState` for each
+//!    reverse mirror (one socket on the VM's loopback: `bind` is `127.0.0.1` or `::1`, at
+//!    `port`) whenever its bind result changes: `Active` once bound, `Conflict` while the
+//!    address is taken in the VM (`EADDRINUSE`, or a port that needs a right the agent lacks),
+//!    `Retrying` for any other bind error (both are retried with back-off, 200 ms doubling to
+//!    5 s), with a `reason` of at most [`MAX_MIRROR_REASON`] (256) bytes; `hosts` lists the
+//!    reported host listener addresses the mirror serves, as the forwarder named them (at most
+//!    [`MAX_MIRROR_HOSTS`] = 64), and the agent sends the state again when that list changes.
+//!    When the mirror goes away (its host listeners were removed, or the guest now reports
+//!    that port itself) it sends `Closed` if it had sent a state for it. Mirrors are made
+//!    afresh for each session, so after the forwarder's `Snapshot{Host}` the states of the
+//!    new session follow as the binds complete; the forwarder forgets all states when the
+//!    session ends. The forwarder keys a state by (`proto`, `port`, `bind`) and shows it in
+//!    `status` against each host listener in `hosts` (an entry with no state stays
+//!    `reported`, as with an agent that does not send them). A reason longer than the limit
+//!    or too many `hosts` is [`ProtoError::Invalid`] on decode (a protocol error); a
+//!    forwarder that did not list the capability treats the message as unexpected.
+//! 6. **Heartbeats.** Each side sends `Heartbeat` every [`HEARTBEAT_INTERVAL`] (1 s), with
 //!    `counter` incremented each time; a side that receives no message at all for
 //!    [`HEARTBEAT_TIMEOUT`] (3 s) closes.
-//! 6. **Errors.** `Error{fatal: false}` is logged; `Error{fatal: true}` is followed by close.
+//! 7. **Errors.** `Error{fatal: false}` is logged; `Error{fatal: true}` is followed by close.
 //!    Receiving a second `Hello`, a message with an unknown tag ([`ProtoError::UnknownType`]),
 //!    or a malformed message is a protocol error: the receiver sends `Error{Protocol, fatal}`
 //!    and closes.
@@ -286,9 +308,9 @@ pub mod header;
 pub mod status;
 
 pub use control::{
-    Changes, ControlError, ControlMessage, Delta, DialBack, ErrorCode, Gap, Heartbeat, Hello,
-    Listener, ListenerSet, Proto, Resync, Role, Side, Snapshot, decode_control, diff,
-    encode_control, read_control, write_control,
+    BindState, Changes, ControlError, ControlMessage, Delta, DialBack, ErrorCode, Gap, Heartbeat,
+    Hello, Listener, ListenerSet, MirrorState, Proto, Resync, Role, Side, Snapshot, decode_control,
+    diff, encode_control, read_control, write_control,
 };
 pub use datagram::{decode_datagram, encode_datagram, read_datagram, write_datagram};
 pub use error::ProtoError;
@@ -314,6 +336,11 @@ pub const MAX_STATUS_LEN: u32 = 4 * 1024;
 pub const MAX_STATUS_MESSAGE: usize = 1024;
 /// Limit on a control message's body.
 pub const MAX_CONTROL_LEN: u32 = 4 * 1024 * 1024;
+/// Limit on the reason of a [`MirrorState`] (the agent cuts longer ones with
+/// [`MirrorState::cut_reason`]).
+pub const MAX_MIRROR_REASON: usize = 256;
+/// Limit on the host addresses of a [`MirrorState`].
+pub const MAX_MIRROR_HOSTS: usize = 64;
 /// Limit on a data frame's payload in framed mode.
 pub const MAX_FRAME_DATA: u32 = 256 * 1024;
 /// Limit on a datagram of a UDP flow stream.
@@ -341,4 +368,7 @@ pub mod caps {
     pub const REVERSE: &str = "reverse";
     /// The agent may send `DialBack` requests.
     pub const DIAL_BACK: &str = "dial-back";
+    /// The agent reports the bind results of its reverse mirrors (`MirrorState`); it sends
+    /// them only to a forwarder that listed this (and [`REVERSE`]).
+    pub const MIRROR_STATE: &str = "mirror-state";
 }
