@@ -18,7 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::agent::{SessionSlot, Shared, lock};
-use crate::reverse::Reverse;
+use crate::reverse::{self, Reverse};
 
 /// How long a new session waits for the one it replaces to tear down.
 const REPLACE_WAIT: Duration = Duration::from_secs(2);
@@ -100,6 +100,16 @@ async fn complain(w: &mut Writer, message: impl Into<String>) -> bool {
     send(w, &msg).await
 }
 
+/// Sends `MirrorState`s (only ever non-empty when the forwarder takes them).
+async fn send_states(w: &mut Writer, states: Vec<proto::MirrorState>) -> bool {
+    for state in states {
+        if !send(w, &ControlMessage::MirrorState(state)).await {
+            return false;
+        }
+    }
+    true
+}
+
 fn is_protocol_violation(e: &ProtoError) -> bool {
     matches!(
         e,
@@ -143,6 +153,7 @@ async fn session(
             caps::UDP.into(),
             caps::REVERSE.into(),
             caps::DIAL_BACK.into(),
+            caps::MIRROR_STATE.into(),
         ],
         auth: None,
     });
@@ -205,7 +216,9 @@ async fn session(
         return;
     }
     let reverse_on = theirs.has(caps::REVERSE) && theirs.has(caps::DIAL_BACK);
-    tracing::info!(revision, capabilities = ?theirs.capabilities, reverse = reverse_on, "control session up");
+    // Mirror states go only to a forwarder that said it takes them.
+    let states_on = reverse_on && theirs.has(caps::MIRROR_STATE);
+    tracing::info!(revision, capabilities = ?theirs.capabilities, reverse = reverse_on, mirror_states = states_on, "control session up");
 
     let mut guest_rx = shared.guest.clone();
     guest_rx.borrow_and_update();
@@ -220,8 +233,15 @@ async fn session(
         return;
     }
     let (dial_tx, mut dial_rx) = mpsc::channel(DIAL_BACK_QUEUE);
-    let mut reverse = Reverse::new(shared.clone(), cancel.clone(), dial_tx);
-    reverse.set_guest(mine.listeners());
+    let (state_tx, mut state_rx) = mpsc::channel(reverse::STATE_QUEUE);
+    let mut reverse = Reverse::new(
+        shared.clone(),
+        cancel.clone(),
+        dial_tx,
+        states_on.then_some(state_tx),
+    );
+    // No host listeners yet: no mirrors, nothing to report.
+    let _ = reverse.set_guest(mine.listeners());
 
     let mut last_rx = Instant::now();
     let mut heartbeat = tokio::time::interval(proto::HEARTBEAT_INTERVAL);
@@ -254,18 +274,23 @@ async fn session(
                     }
                     ControlMessage::Snapshot(s) if s.side == Side::Host => {
                         if reverse_on {
-                            reverse.host_snapshot(&s);
+                            let states = reverse.host_snapshot(&s);
+                            send_states(&mut wr, states).await
+                        } else {
+                            true
                         }
-                        true
                     }
                     ControlMessage::Changes(c) if c.side == Side::Host => {
                         if !reverse_on {
                             true
-                        } else if let Err(gap) = reverse.host_changes(&c) {
-                            tracing::info!(%gap, "asking for a fresh host snapshot");
-                            send(&mut wr, &ControlMessage::Resync(Resync { side: Side::Host })).await
                         } else {
-                            true
+                            match reverse.host_changes(&c) {
+                                Err(gap) => {
+                                    tracing::info!(%gap, "asking for a fresh host snapshot");
+                                    send(&mut wr, &ControlMessage::Resync(Resync { side: Side::Host })).await
+                                }
+                                Ok(states) => send_states(&mut wr, states).await,
+                            }
                         }
                     }
                     ControlMessage::Resync(Resync { side: Side::Guest }) => {
@@ -308,7 +333,18 @@ async fn session(
                     if !send(&mut wr, &ControlMessage::Changes(changes)).await {
                         break false;
                     }
-                    reverse.set_guest(mine.listeners());
+                    let states = reverse.set_guest(mine.listeners());
+                    if !send_states(&mut wr, states).await {
+                        break false;
+                    }
+                }
+            }
+            Some(ev) = state_rx.recv() => {
+                if let Some(state) = reverse.bind_event(ev) {
+                    tracing::debug!(?state, "reverse mirror state to the forwarder");
+                    if !send(&mut wr, &ControlMessage::MirrorState(state)).await {
+                        break false;
+                    }
                 }
             }
             Some(req) = dial_rx.recv() => {

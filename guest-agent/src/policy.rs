@@ -140,6 +140,25 @@ pub struct MirrorKey {
     pub bind: SocketAddr,
 }
 
+/// The VM loopback addresses a host listener is mirrored on: host `0.0.0.0`/`::` give
+/// `127.0.0.1:P` and `[::1]:P`, host `127.x` gives `127.0.0.1:P`, host `::1` gives `[::1]:P`;
+/// any other address none (it is not reachable through the host's loopback, where the
+/// forwarder dials).
+pub fn mirror_binds(l: &proto::Listener) -> Vec<SocketAddr> {
+    let v4 = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), l.port);
+    let v6 = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), l.port);
+    let ip = l.addr.to_canonical();
+    if ip.is_unspecified() {
+        vec![v4, v6]
+    } else if ip.is_loopback() && ip.is_ipv4() {
+        vec![v4]
+    } else if ip.is_loopback() {
+        vec![v6]
+    } else {
+        Vec::new()
+    }
+}
+
 /// The reverse mirrors a host listener set asks for: each key with the host listener's address
 /// (as the forwarder reported it) to put in dial-back requests. Host `0.0.0.0`/`127.x` give
 /// `127.0.0.1:P`, host `::1` gives `[::1]:P`, a wildcard gives both. Host listeners on ports the
@@ -159,21 +178,8 @@ pub fn reverse_mirrors(
             skipped.push(*l);
             continue;
         }
-        let v4 = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), l.port);
-        let v6 = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), l.port);
-        let ip = l.addr.to_canonical();
-        let binds: &[SocketAddr] = if ip.is_unspecified() {
-            &[v4, v6]
-        } else if ip.is_loopback() && ip.is_ipv4() {
-            &[v4]
-        } else if ip.is_loopback() {
-            &[v6]
-        } else {
-            // Not reachable through the host's loopback, where the forwarder dials.
-            continue;
-        };
         let target = SocketAddr::new(l.addr, l.port);
-        for &bind in binds {
+        for bind in mirror_binds(l) {
             let key = MirrorKey {
                 proto: l.proto,
                 bind,

@@ -2,16 +2,17 @@
 //! connection (or new UDP client) becomes a `DialBack` request on the control stream; the
 //! forwarder answers with a `DialBack(id)` stream that arrives through the transport listener.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hostnet_link::discovery::Protocol;
 use hostnet_link::proto::{
-    self, Changes, DialBack, DialBackId, Gap, PayloadStream, Proto, Snapshot,
+    self, BindState, Changes, DialBack, DialBackId, Gap, MirrorState, PayloadStream, Proto,
+    Snapshot,
 };
 use hostnet_link::transport::Stream;
 use socket2::{Domain, Socket, Type};
@@ -32,16 +33,38 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// more are dropped.
 const FLOW_QUEUE: usize = 256;
 
+/// Bind results queued from the mirror tasks to the control session.
+pub(crate) const STATE_QUEUE: usize = 256;
+
+/// A mirror task's bind result, for the session to pass on as a `MirrorState`.
+#[derive(Debug)]
+pub(crate) struct BindEvent {
+    key: MirrorKey,
+    /// Which incarnation of the mirror at `key` (a late event of a replaced one is ignored).
+    generation: u64,
+    state: BindState,
+    reason: Option<String>,
+}
+
+pub(crate) type StateTx = mpsc::Sender<BindEvent>;
+
 /// What the mirror tasks of one control session share.
 struct Ctx {
     shared: Arc<Shared>,
     /// The session's token: connections and flows stop (reset) when the session ends.
     cancel: CancellationToken,
     dial_tx: DialBackTx,
+    /// Where bind results go; `None` when the forwarder does not take `MirrorState`.
+    state_tx: Option<StateTx>,
 }
 
 struct Mirror {
     target: SocketAddr,
+    /// The reported host listener addresses this mirror serves.
+    hosts: Vec<IpAddr>,
+    generation: u64,
+    /// The last bind result sent to the forwarder.
+    sent: Option<(BindState, Option<String>)>,
     _task: AbortOnDropHandle<()>,
 }
 
@@ -52,83 +75,210 @@ pub(crate) struct Reverse {
     guest: BTreeSet<(Proto, u16)>,
     mirrors: HashMap<MirrorKey, Mirror>,
     skipped: BTreeSet<proto::Listener>,
+    generation: u64,
 }
 
 impl Reverse {
-    pub fn new(shared: Arc<Shared>, cancel: CancellationToken, dial_tx: DialBackTx) -> Self {
+    /// `state_tx`: where the mirror tasks report their bind results (see
+    /// [`Reverse::bind_event`]); `None` if the forwarder does not take them.
+    pub fn new(
+        shared: Arc<Shared>,
+        cancel: CancellationToken,
+        dial_tx: DialBackTx,
+        state_tx: Option<StateTx>,
+    ) -> Self {
         Self {
             ctx: Arc::new(Ctx {
                 shared,
                 cancel,
                 dial_tx,
+                state_tx,
             }),
             host: proto::ListenerSet::awaiting_snapshot(),
             guest: BTreeSet::new(),
             mirrors: HashMap::new(),
             skipped: BTreeSet::new(),
+            generation: 0,
         }
     }
 
-    /// A `Snapshot{Host}`.
-    pub fn host_snapshot(&mut self, s: &Snapshot) {
+    /// A `Snapshot{Host}`; returns the `MirrorState`s to send.
+    pub fn host_snapshot(&mut self, s: &Snapshot) -> Vec<MirrorState> {
         self.host.replace(s);
         tracing::info!(
             seq = s.seq,
             listeners = s.listeners.len(),
             "host listener snapshot"
         );
-        self.reconcile();
+        self.reconcile()
     }
 
     /// A `Changes{Host}`; a gap leaves everything as it was (the caller asks for a resync).
-    pub fn host_changes(&mut self, c: &Changes) -> Result<(), Gap> {
+    /// Returns the `MirrorState`s to send.
+    pub fn host_changes(&mut self, c: &Changes) -> Result<Vec<MirrorState>, Gap> {
         let d = self.host.apply(c)?;
         tracing::info!(seq = c.seq, added = ?d.added, removed = ?d.removed, "host listeners changed");
-        self.reconcile();
-        Ok(())
+        Ok(self.reconcile())
     }
 
-    /// The set the agent reports: host listeners on those ports are not mirrored.
-    pub fn set_guest(&mut self, reported: &BTreeSet<proto::Listener>) {
+    /// The set the agent reports: host listeners on those ports are not mirrored. Returns the
+    /// `MirrorState`s to send.
+    pub fn set_guest(&mut self, reported: &BTreeSet<proto::Listener>) -> Vec<MirrorState> {
         let ports: BTreeSet<(Proto, u16)> = reported.iter().map(|l| (l.proto, l.port)).collect();
-        if ports != self.guest {
-            self.guest = ports;
-            self.reconcile();
+        if ports == self.guest {
+            return Vec::new();
         }
+        self.guest = ports;
+        self.reconcile()
     }
 
-    fn reconcile(&mut self) {
+    /// A mirror task's bind result: the `MirrorState` to send, if it is news for a current
+    /// mirror.
+    pub fn bind_event(&mut self, ev: BindEvent) -> Option<MirrorState> {
+        let m = self
+            .mirrors
+            .get_mut(&ev.key)
+            .filter(|m| m.generation == ev.generation)?;
+        let now = (ev.state, ev.reason);
+        if m.sent.as_ref() == Some(&now) {
+            return None;
+        }
+        m.sent = Some(now.clone());
+        Some(mirror_state(&ev.key, m.hosts.clone(), now.0, now.1))
+    }
+
+    fn reconcile(&mut self) -> Vec<MirrorState> {
         let (want, skipped) = policy::reverse_mirrors(self.host.listeners(), &self.guest);
         let skipped: BTreeSet<_> = skipped.into_iter().collect();
         for l in skipped.difference(&self.skipped) {
             tracing::info!(listener = ?l, "host listener not mirrored: the guest reports that port itself");
         }
         self.skipped = skipped;
+        // The host listener addresses behind each wanted mirror.
+        let mut hosts: BTreeMap<MirrorKey, Vec<IpAddr>> = BTreeMap::new();
+        for l in self.host.listeners() {
+            for bind in policy::mirror_binds(l) {
+                let key = MirrorKey {
+                    proto: l.proto,
+                    bind,
+                };
+                if want.contains_key(&key) {
+                    let h = hosts.entry(key).or_default();
+                    if !h.contains(&l.addr) {
+                        h.push(l.addr);
+                    }
+                }
+            }
+        }
+        for (key, h) in &mut hosts {
+            if h.len() > proto::MAX_MIRROR_HOSTS {
+                tracing::warn!(bind = %key.bind, proto = ?key.proto, hosts = h.len(), max = proto::MAX_MIRROR_HOSTS, "too many host listeners behind one mirror; its state names the first ones only");
+                h.truncate(proto::MAX_MIRROR_HOSTS);
+            }
+        }
+        let mut out = Vec::new();
         self.mirrors.retain(|key, m| {
             let keep = want.get(key) == Some(&m.target);
             if !keep {
                 tracing::info!(bind = %key.bind, proto = ?key.proto, host = %m.target, "reverse mirror removed");
+                if m.sent.is_some() {
+                    out.push(mirror_state(key, m.hosts.clone(), BindState::Closed, None));
+                }
             }
             keep
         });
+        for (key, m) in &mut self.mirrors {
+            let h = hosts.remove(key).unwrap_or_default();
+            if h != m.hosts {
+                m.hosts = h;
+                if let Some((state, reason)) = &m.sent {
+                    out.push(mirror_state(key, m.hosts.clone(), *state, reason.clone()));
+                }
+            }
+        }
         for (key, target) in want {
             if self.mirrors.contains_key(&key) {
                 continue;
             }
+            self.generation += 1;
+            let generation = self.generation;
             let ctx = self.ctx.clone();
             let span =
                 tracing::info_span!("mirror", proto = ?key.proto, bind = %key.bind, host = %target);
             let task = match key.proto {
-                Proto::Tcp => tokio::spawn(tcp_mirror(ctx, key, target).instrument(span)),
-                Proto::Udp => tokio::spawn(udp_mirror(ctx, key, target).instrument(span)),
+                Proto::Tcp => {
+                    tokio::spawn(tcp_mirror(ctx, key, generation, target).instrument(span))
+                }
+                Proto::Udp => {
+                    tokio::spawn(udp_mirror(ctx, key, generation, target).instrument(span))
+                }
             };
             self.mirrors.insert(
                 key,
                 Mirror {
                     target,
+                    hosts: hosts.remove(&key).unwrap_or_default(),
+                    generation,
+                    sent: None,
                     _task: AbortOnDropHandle::new(task),
                 },
             );
+        }
+        out
+    }
+}
+
+fn mirror_state(
+    key: &MirrorKey,
+    hosts: Vec<IpAddr>,
+    state: BindState,
+    reason: Option<String>,
+) -> MirrorState {
+    MirrorState {
+        proto: key.proto,
+        port: key.bind.port(),
+        bind: key.bind.ip(),
+        hosts,
+        state,
+        reason,
+    }
+}
+
+/// The state a failed bind puts a mirror in, with its reason (cut to the protocol's limit).
+fn failed_state(e: &io::Error, port: u16) -> (BindState, String) {
+    let (state, reason) = match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => (BindState::Conflict, "address in use in the VM".to_owned()),
+        Some(libc::EACCES | libc::EPERM) if port < 1024 => (
+            BindState::Conflict,
+            "permission denied in the VM (port < 1024)".to_owned(),
+        ),
+        Some(libc::EACCES | libc::EPERM) => (
+            BindState::Conflict,
+            "permission denied in the VM".to_owned(),
+        ),
+        _ => (BindState::Retrying, format!("cannot bind in the VM: {e}")),
+    };
+    (state, MirrorState::cut_reason(reason))
+}
+
+/// Reports a bind result to the session (if the forwarder takes them). Waits for room rather
+/// than dropping: results are rare (one per change of the bind's outcome).
+async fn report(
+    ctx: &Ctx,
+    key: MirrorKey,
+    generation: u64,
+    state: BindState,
+    reason: Option<String>,
+) {
+    if let Some(tx) = &ctx.state_tx {
+        let ev = BindEvent {
+            key,
+            generation,
+            state,
+            reason,
+        };
+        if tx.send(ev).await.is_err() {
+            tracing::debug!("control session gone; mirror state not sent");
         }
     }
 }
@@ -157,14 +307,29 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(s.into())
 }
 
-/// Binds, retrying with back-off while the port is taken in the VM (logged once per cause).
-async fn bind_retry<T>(mut bind: impl FnMut() -> io::Result<T>) -> T {
+/// Binds, retrying with back-off while the port is taken in the VM (logged once per cause);
+/// reports each change of the outcome to the forwarder.
+async fn bind_retry<T>(
+    ctx: &Ctx,
+    key: MirrorKey,
+    generation: u64,
+    mut bind: impl FnMut() -> io::Result<T>,
+) -> T {
     let mut backoff = RETRY_FIRST;
     let mut last: Option<io::ErrorKind> = None;
+    let mut reported: Option<(BindState, String)> = None;
     loop {
         match bind() {
-            Ok(t) => return t,
+            Ok(t) => {
+                report(ctx, key, generation, BindState::Active, None).await;
+                return t;
+            }
             Err(e) => {
+                let now = failed_state(&e, key.bind.port());
+                if reported.as_ref() != Some(&now) {
+                    report(ctx, key, generation, now.0, Some(now.1.clone())).await;
+                    reported = Some(now);
+                }
                 if last != Some(e.kind()) {
                     if e.kind() == io::ErrorKind::AddrInUse {
                         tracing::info!("port in use in the VM; not mirrored until it frees");
@@ -195,9 +360,9 @@ impl<T> std::ops::Deref for Held<T> {
     }
 }
 
-async fn tcp_mirror(ctx: Arc<Ctx>, key: MirrorKey, target: SocketAddr) {
+async fn tcp_mirror(ctx: Arc<Ctx>, key: MirrorKey, generation: u64, target: SocketAddr) {
     let listener = Held {
-        io: bind_retry(|| bind_tcp(key.bind)).await,
+        io: bind_retry(&ctx, key, generation, || bind_tcp(key.bind)).await,
         _guard: ctx.shared.mirror_guard(Protocol::Tcp, key.bind.port()),
     };
     tracing::info!("mirroring host listener");
@@ -296,10 +461,10 @@ async fn dial_back(
     }
 }
 
-async fn udp_mirror(ctx: Arc<Ctx>, key: MirrorKey, target: SocketAddr) {
+async fn udp_mirror(ctx: Arc<Ctx>, key: MirrorKey, generation: u64, target: SocketAddr) {
     // Flows hold the socket too: the guard lives exactly as long as the socket.
     let sock = Arc::new(Held {
-        io: bind_retry(|| bind_udp(key.bind)).await,
+        io: bind_retry(&ctx, key, generation, || bind_udp(key.bind)).await,
         _guard: ctx.shared.mirror_guard(Protocol::Udp, key.bind.port()),
     });
     tracing::info!("mirroring host listener");

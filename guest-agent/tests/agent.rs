@@ -136,6 +136,16 @@ impl Ctl {
     }
 
     async fn open_with(conn: &Connector, mode: StreamMode, heartbeats: bool) -> Self {
+        Self::open_caps(conn, mode, heartbeats, &[]).await
+    }
+
+    /// A session whose Hello lists `extra` capabilities besides udp, reverse and dial-back.
+    async fn open_caps(
+        conn: &Connector,
+        mode: StreamMode,
+        heartbeats: bool,
+        extra: &[&str],
+    ) -> Self {
         let mut s = conn.open().await.unwrap();
         proto::write_header(
             &mut s,
@@ -168,11 +178,11 @@ impl Ctl {
         tx.send(ControlMessage::Hello(Hello {
             revision: proto::CONTROL_REVISION,
             role: Role::Forwarder,
-            capabilities: vec![
-                caps::UDP.into(),
-                caps::REVERSE.into(),
-                caps::DIAL_BACK.into(),
-            ],
+            capabilities: [caps::UDP, caps::REVERSE, caps::DIAL_BACK]
+                .iter()
+                .chain(extra)
+                .map(|c| (*c).to_owned())
+                .collect(),
             auth: None,
         }))
         .await
@@ -1008,7 +1018,82 @@ async fn a_reverse_port_taken_in_the_vm_is_retried_and_guest_ports_are_not_mirro
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // This forwarder did not list mirror-state: the agent sent no MirrorState.
+    while let Ok(m) = timeout(Duration::from_millis(300), ctl.rx.recv()).await {
+        assert!(
+            !matches!(m, Some(ControlMessage::MirrorState(_))),
+            "MirrorState sent to a forwarder that did not list {}: {m:?}",
+            caps::MIRROR_STATE
+        );
+        if m.is_none() {
+            break;
+        }
+    }
     drop(guest);
+}
+
+/// The next `MirrorState` (guest listener messages in between are skipped).
+async fn next_mirror_state(ctl: &mut Ctl) -> proto::MirrorState {
+    loop {
+        match ctl.next().await {
+            Some(ControlMessage::MirrorState(m)) => return m,
+            Some(ControlMessage::Snapshot(_) | ControlMessage::Changes(_)) => continue,
+            other => panic!("expected MirrorState, got {other:?}"),
+        }
+    }
+}
+
+/// With a forwarder that takes them, the agent reports its reverse mirrors' bind results:
+/// conflict while the port is taken in the VM, active once it frees, closed when the host
+/// listener goes; the hosts named as the forwarder named them.
+#[tokio::test]
+async fn reverse_mirror_states_are_reported_to_a_forwarder_that_takes_them() {
+    use hostnet_link::proto::{BindState, MirrorState};
+    let agent = AgentProc::start(&[]);
+    let conn = agent.connector();
+    let mut ctl = Ctl::open_caps(&conn, StreamMode::Framed, true, &[caps::MIRROR_STATE]).await;
+    assert!(ctl.hello.has(caps::MIRROR_STATE), "{:?}", ctl.hello);
+    ctl.wait_guest(STEP, |_| true).await;
+    let b = free_tcp_port("127.0.0.1");
+    let taken = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    taken
+        .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, b)).into())
+        .unwrap();
+    ctl.send(ControlMessage::Snapshot(Snapshot {
+        side: Side::Host,
+        seq: 1,
+        listeners: vec![tcp_listener(b)],
+    }))
+    .await;
+    let m = next_mirror_state(&mut ctl).await;
+    let want = |state, reason: Option<&str>| MirrorState {
+        proto: Proto::Tcp,
+        port: b,
+        bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        hosts: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        state,
+        reason: reason.map(str::to_owned),
+    };
+    assert_eq!(
+        m,
+        want(BindState::Conflict, Some("address in use in the VM"))
+    );
+    drop(taken);
+    let m = timeout(Duration::from_secs(10), next_mirror_state(&mut ctl))
+        .await
+        .expect("no Active within 10 s of the port freeing");
+    assert_eq!(m, want(BindState::Active, None));
+    ctl.send(ControlMessage::Changes(proto::Changes {
+        side: Side::Host,
+        seq: 2,
+        added: vec![],
+        removed: vec![tcp_listener(b)],
+    }))
+    .await;
+    assert_eq!(
+        next_mirror_state(&mut ctl).await,
+        want(BindState::Closed, None)
+    );
 }
 
 #[test]
