@@ -43,12 +43,12 @@ pub mod session;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hostnet_link::proto::{Listener, Proto};
+use hostnet_link::proto::{BindState, Listener, MirrorState, Proto};
 use hostnet_link::transport::{Auth, Connector, Endpoint, TransportError};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -118,6 +118,8 @@ pub struct Inner {
     mirror: Mutex<Mirror>,
     session: Mutex<SessionStatus>,
     reported: Mutex<BTreeSet<Listener>>,
+    /// The agent's reverse mirror states, by (protocol, port, VM bind address).
+    mirror_states: Mutex<BTreeMap<(u8, u16, IpAddr), MirrorState>>,
     reverse_traffic: Mutex<BTreeMap<(u8, u16), Arc<Traffic>>>,
     host_listeners: Option<Arc<dyn HostListeners>>,
 }
@@ -147,7 +149,48 @@ impl Inner {
     }
 
     fn set_reported(&self, set: BTreeSet<Listener>) {
+        // States of mirrors whose port is no longer reported are stale: forget them (the
+        // agent closes those mirrors).
+        lock(&self.mirror_states)
+            .retain(|(p, port, _), _| set.iter().any(|l| l.proto as u8 == *p && l.port == *port));
         *lock(&self.reported) = set;
+    }
+
+    fn clear_mirror_states(&self) {
+        lock(&self.mirror_states).clear();
+    }
+
+    /// Records the agent's `MirrorState` for a reported port (others are stale or bogus, and
+    /// logged); `Closed` forgets the mirror.
+    fn set_mirror_state(&self, m: MirrorState) {
+        let reported = lock(&self.reported);
+        if !reported
+            .iter()
+            .any(|l| l.proto == m.proto && l.port == m.port)
+        {
+            tracing::debug!(proto = ?m.proto, port = m.port, state = m.state.name(), "mirror state for a port not reported (now); ignored");
+            return;
+        }
+        if !m.bind.is_loopback() {
+            tracing::warn!(proto = ?m.proto, port = m.port, bind = %m.bind, "mirror state for a non-loopback VM address; ignored");
+            return;
+        }
+        let bind = SocketAddr::new(m.bind, m.port);
+        match (m.state, &m.reason) {
+            (BindState::Active | BindState::Closed, _) | (_, None) => {
+                tracing::info!(proto = ?m.proto, %bind, state = m.state.name(), "reverse mirror in the VM")
+            }
+            (_, Some(reason)) => {
+                tracing::warn!(proto = ?m.proto, %bind, state = m.state.name(), %reason, "reverse mirror in the VM")
+            }
+        }
+        let mut states = lock(&self.mirror_states);
+        let key = (m.proto as u8, m.port, m.bind);
+        if m.state == BindState::Closed {
+            states.remove(&key);
+        } else {
+            states.insert(key, m);
+        }
     }
 
     fn reverse_traffic(&self, proto: Proto, port: u16) -> Arc<Traffic> {
@@ -183,7 +226,7 @@ impl Inner {
                 }
             };
             for g in guests {
-                let s = std::net::SocketAddr::new(g.addr, g.port).to_string();
+                let s = SocketAddr::new(g.addr, g.port).to_string();
                 if !row.guest.contains(&s) {
                     row.guest.push(s);
                 }
@@ -204,6 +247,7 @@ impl Inner {
             r.summarize();
         }
         let reported = self.reported();
+        let states = lock(&self.mirror_states).clone();
         let mut reverse_rows: BTreeMap<(u8, u16), PortRow> = BTreeMap::new();
         for l in &reported {
             let row = reverse_rows
@@ -224,11 +268,39 @@ impl Inner {
                         bytes_from_guest: t.from_guest.load(Ordering::Relaxed),
                     }
                 });
-            row.host.push(HostAddr {
-                addr: std::net::SocketAddr::new(l.addr, l.port).to_string(),
+            // The agent's mirrors of this host listener: the worst state, with the VM address
+            // in the reason; `reported` if the agent sent none (yet, or an older agent).
+            let mut host = HostAddr {
+                addr: SocketAddr::new(l.addr, l.port).to_string(),
                 state: "reported".into(),
                 reason: None,
-            });
+            };
+            let mut worst: Option<&MirrorState> = None;
+            for m in states.values() {
+                if m.proto != l.proto || m.port != l.port || !m.hosts.contains(&l.addr) {
+                    continue;
+                }
+                let bind = SocketAddr::new(m.bind, m.port).to_string();
+                if !row.guest.contains(&bind) {
+                    row.guest.push(bind);
+                }
+                let rank = |m: &MirrorState| status::state_rank(m.state.name());
+                if worst.is_none_or(|w| rank(m) > rank(w)) {
+                    worst = Some(m);
+                }
+            }
+            if let Some(m) = worst {
+                host.state = m.state.name().to_owned();
+                host.reason = m
+                    .reason
+                    .as_ref()
+                    .map(|r| format!("{} in the VM: {r}", SocketAddr::new(m.bind, m.port)));
+            }
+            row.host.push(host);
+        }
+        for r in reverse_rows.values_mut() {
+            r.guest.sort();
+            r.summarize();
         }
         ports.extend(reverse_rows.into_values());
         StatusReport {
@@ -295,6 +367,7 @@ impl Forwarder {
                 config,
                 session: Mutex::new(session),
                 reported: Mutex::default(),
+                mirror_states: Mutex::default(),
                 reverse_traffic: Mutex::default(),
                 host_listeners,
             }),

@@ -99,6 +99,7 @@ pub async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
 fn teardown(inner: &Inner) {
     inner.mirror().clear();
     inner.set_reported(BTreeSet::new());
+    inner.clear_mirror_states();
     if let Some(h) = &inner.host_listeners {
         h.set_excluded_ports(BTreeSet::new());
     }
@@ -108,6 +109,7 @@ fn hello(reverse: bool) -> ControlMessage {
     let mut capabilities = vec![caps::UDP.to_owned(), caps::DIAL_BACK.to_owned()];
     if reverse {
         capabilities.push(caps::REVERSE.to_owned());
+        capabilities.push(caps::MIRROR_STATE.to_owned());
     }
     ControlMessage::Hello(Hello {
         revision: proto::CONTROL_REVISION,
@@ -302,6 +304,7 @@ async fn session(
                             span,
                         ));
                     }
+                    ControlMessage::MirrorState(m) if reverse => inner.set_mirror_state(m),
                     ControlMessage::Error(e) if e.fatal => {
                         return Err(SessionError::Fatal { code: e.code, message: e.message });
                     }

@@ -45,8 +45,10 @@ impl Direction {
 pub struct HostAddr {
     /// The host address.
     pub addr: String,
-    /// `active`, `conflict`, `retrying`, `starting`; `reported` for host→guest rows (the
-    /// forwarder cannot see the agent's bind result).
+    /// `active`, `conflict`, `retrying`, `starting`. For host→guest rows, the state of the
+    /// agent's mirror(s) of this host listener in the VM (`active`, `conflict`, `retrying`, as
+    /// the agent reports them), or `reported` while the agent has reported none (an agent
+    /// without the `mirror-state` capability never does).
     pub state: String,
     /// Why, for `conflict` and `retrying`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -62,11 +64,13 @@ pub struct PortRow {
     pub proto: String,
     /// The port.
     pub port: u16,
-    /// The guest listeners (guest→host rows).
+    /// The guest listeners (guest→host rows); the VM addresses the agent binds as mirrors
+    /// (host→guest rows, once it has reported their state).
     pub guest: Vec<String>,
     /// The host addresses.
     pub host: Vec<HostAddr>,
-    /// The worst state of the host addresses (conflict > retrying > starting > active).
+    /// The worst state of the host addresses (conflict > retrying > starting, reported >
+    /// active).
     pub state: String,
     /// The reason of that state, if any.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -108,11 +112,12 @@ pub struct StatusReport {
     pub counters: CountersView,
 }
 
-fn state_rank(s: &str) -> u8 {
+/// How bad a state is, for a row's summary: conflict > retrying > starting, reported > active.
+pub(crate) fn state_rank(s: &str) -> u8 {
     match s {
         "conflict" => 3,
         "retrying" => 2,
-        "starting" => 1,
+        "starting" | "reported" => 1,
         _ => 0,
     }
 }

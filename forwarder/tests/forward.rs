@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hostnet_forwarder::reverse::StaticHostListeners;
-use hostnet_forwarder::status::{ControlSocket, query};
+use hostnet_forwarder::status::{ControlSocket, Direction, query};
 use hostnet_link::proto::{
     self, Changes, ControlMessage, DialBack, DialBackId, Listener, PayloadStream, Proto,
     RelayStatus, Side,
@@ -567,4 +567,123 @@ async fn a_second_hello_is_a_fatal_protocol_error_then_the_forwarder_reconnects(
         || async move { echoes(v4(p)).await.then_some(()) },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_mirror_states_show_in_status_for_reported_host_listeners_only() {
+    use hostnet_link::proto::{BindState, MirrorState};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let port = free_port();
+    let wildcard = Listener {
+        proto: Proto::Tcp,
+        addr: "0.0.0.0".parse().unwrap(),
+        port,
+        v6only: false,
+    };
+    let host = Arc::new(StaticHostListeners::new([wildcard].into_iter().collect()));
+    let mut agent = FakeAgent::start(&path, vec![], vec![]).await;
+    let running = run(forwarder(&path, Some(host.clone())));
+    assert!(matches!(
+        agent.next_message().await,
+        ControlMessage::Snapshot(_)
+    ));
+    let state = |bind: &str, state, reason: Option<&str>| {
+        ControlMessage::MirrorState(MirrorState {
+            proto: Proto::Tcp,
+            port,
+            bind: bind.parse().unwrap(),
+            hosts: vec![wildcard.addr],
+            state,
+            reason: reason.map(str::to_owned),
+        })
+    };
+    let row = |fwd: &hostnet_forwarder::Forwarder| {
+        fwd.status()
+            .ports
+            .into_iter()
+            .find(|p| p.port == port && p.direction == Direction::HostToGuest)
+    };
+    // Nothing from the agent yet: reported.
+    let r = eventually("a reverse row", Duration::from_secs(5), || async {
+        row(&running.fwd)
+    })
+    .await;
+    assert_eq!(r.state, "reported");
+    // The wildcard is mirrored on both VM loopbacks: the worst of the two states shows.
+    agent.send(state("::1", BindState::Active, None));
+    agent.send(state(
+        "127.0.0.1",
+        BindState::Conflict,
+        Some("address in use in the VM"),
+    ));
+    // A state for a port the forwarder does not report is ignored.
+    agent.send(ControlMessage::MirrorState(MirrorState {
+        proto: Proto::Udp,
+        port,
+        bind: "127.0.0.1".parse().unwrap(),
+        hosts: vec![wildcard.addr],
+        state: BindState::Active,
+        reason: None,
+    }));
+    let r = eventually("the conflict in status", Duration::from_secs(5), || async {
+        row(&running.fwd).filter(|r| r.state == "conflict")
+    })
+    .await;
+    assert_eq!(
+        r.reason.as_deref(),
+        Some(format!("127.0.0.1:{port} in the VM: address in use in the VM").as_str())
+    );
+    assert_eq!(r.host.len(), 1);
+    assert_eq!(r.host[0].addr, format!("0.0.0.0:{port}"));
+    assert_eq!(
+        r.guest,
+        vec![format!("127.0.0.1:{port}"), format!("[::1]:{port}")]
+    );
+    let table = hostnet_forwarder::status::render_table(&running.fwd.status());
+    assert!(
+        table.contains("conflict: 127.0.0.1:"),
+        "the table shows the conflict:\n{table}"
+    );
+    assert!(
+        !running
+            .fwd
+            .status()
+            .ports
+            .iter()
+            .any(|p| p.proto == "udp" && p.port == port),
+        "no row for an unreported UDP port"
+    );
+    // Freed: active, no reason.
+    agent.send(state("127.0.0.1", BindState::Active, None));
+    let r = eventually("active in status", Duration::from_secs(5), || async {
+        row(&running.fwd).filter(|r| r.state == "active")
+    })
+    .await;
+    assert_eq!(r.reason, None);
+    // Closed mirrors are forgotten: back to reported.
+    agent.send(state("127.0.0.1", BindState::Closed, None));
+    agent.send(state("::1", BindState::Closed, None));
+    eventually("reported again", Duration::from_secs(5), || async {
+        row(&running.fwd).filter(|r| r.state == "reported" && r.guest.is_empty())
+    })
+    .await;
+    // The host listener goes and comes back: no stale state survives it.
+    agent.send(state("127.0.0.1", BindState::Conflict, Some("x")));
+    eventually("conflict", Duration::from_secs(5), || async {
+        row(&running.fwd).filter(|r| r.state == "conflict")
+    })
+    .await;
+    host.set(BTreeSet::new());
+    eventually("the row gone", Duration::from_secs(5), || async {
+        row(&running.fwd).is_none().then_some(())
+    })
+    .await;
+    host.set([wildcard].into_iter().collect());
+    let r = eventually("the row back", Duration::from_secs(5), || async {
+        row(&running.fwd)
+    })
+    .await;
+    assert_eq!(r.state, "reported");
+    assert!(running.fwd.status().session.connected);
 }
