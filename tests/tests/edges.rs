@@ -330,15 +330,10 @@ fn reverse_conflict_retried_until_freed() {
 }
 
 /// `status` shows the state of reverse mirrors too: a host listener whose port is taken inside
-/// the namespace is a conflict (the status states: active / conflict / retrying), not
-/// just "reported".
-///
-/// Known gap (found by this test): the forwarder's status shows every host->guest entry as
-/// `reported`; the link's control messages have no way for the agent to report a reverse
-/// mirror's bind result, so a conflict inside the VM is only in the agent's log. Ignored so that
-/// CI stays green; run with `--ignored` once the protocol carries it.
+/// the namespace is a conflict with the agent's reason (the agent reports its bind results in
+/// `MirrorState` messages), and becomes active once the namespace's holder frees the port (the
+/// agent retries the bind with back-off, 200 ms doubling to 5 s).
 #[test]
-#[ignore = "known gap: reverse mirror state is not reported to the forwarder (status says `reported`)"]
 fn status_shows_reverse_conflict() {
     if !privileged("status_shows_reverse_conflict") {
         return;
@@ -349,25 +344,65 @@ fn status_shows_reverse_conflict() {
         .reverse()
         .without_forwarder()
         .start();
-    let _holder = hold_ns_port(&b, port);
+    let holder = hold_ns_port(&b, port);
     b.start_forwarder();
     let entry = |b: &Bridge| {
         b.status_json().ok().and_then(|v| {
             v["ports"].as_array().and_then(|a| {
                 a.iter()
-                    .find(|p| p["port"] == port && p["direction"] != "guest->host")
+                    .find(|p| p["port"] == port && p["direction"] == "host->guest")
                     .cloned()
             })
         })
     };
     let conflict = wait_until(after(Duration::from_secs(5)), || {
-        entry(&b).is_some_and(|e| e.to_string().contains("conflict"))
+        entry(&b).is_some_and(|e| e["state"] == "conflict")
     });
+    let e = entry(&b);
     assert!(
         conflict,
-        "the namespace's 127.0.0.1:{port} is taken: status should show the reverse mirror in conflict, got {:?}",
-        entry(&b)
+        "the namespace's 127.0.0.1:{port} is taken: status should show the reverse mirror in conflict, got {e:?}\n{}",
+        b.describe()
     );
+    let e = e.unwrap_or_default();
+    let reason = e["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("in use") && reason.contains(&format!("127.0.0.1:{port}")),
+        "the conflict's reason should name the VM address and the cause: {e}"
+    );
+    assert_eq!(e["host"][0]["addr"], format!("127.0.0.1:{port}"), "{e}");
+    assert_eq!(e["host"][0]["state"], "conflict", "{e}");
+    let table = b.status_text();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("host→guest") && l.contains("conflict: ")),
+        "the table should show the conflict and its reason:\n{table}"
+    );
+
+    drop(holder);
+    let t = Instant::now();
+    let active = wait_until(after(Duration::from_secs(10)), || {
+        entry(&b).is_some_and(|e| e["state"] == "active")
+    });
+    assert!(
+        active,
+        "the namespace's port was freed: the agent retries and status should show the mirror active within 10 s, got {:?}\n{}",
+        entry(&b),
+        b.describe()
+    );
+    eprintln!(
+        "status showed the reverse mirror active {:?} after the port freed",
+        t.elapsed()
+    );
+    let e = entry(&b).unwrap_or_default();
+    assert!(
+        e.get("reason").is_none(),
+        "an active mirror has no reason: {e}"
+    );
+    assert_eq!(e["guest"][0], format!("127.0.0.1:{port}"), "{e}");
+    let mut s = b.ns_connect(sa(LO4, port)).unwrap();
+    hostnet_e2e::net::echo_on(&mut s, 5, 10_000).unwrap();
 }
 
 /// Garbage on the forwarder's control (status) socket does not hurt it.
