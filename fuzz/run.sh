@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${FUZZ_SECONDS:-10}"
 sanitizer="${FUZZ_SANITIZER:-none}"
-jobs=()
-if [[ -n "${FUZZ_JOBS:-}" ]]; then jobs=(--jobs "$FUZZ_JOBS"); fi
+# (cargo-fuzz 0.13 has no build-jobs flag; Cargo reads CARGO_BUILD_JOBS.)
+if [[ -n "${FUZZ_JOBS:-}" ]]; then export CARGO_BUILD_JOBS="$FUZZ_JOBS"; fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "run.sh: installing cargo-fuzz" >&2
@@ -27,7 +27,7 @@ export RUSTC_BOOTSTRAP=1
 targets="${FUZZ_TARGETS:-$(cargo fuzz list | tr "\n" " ")}"
 
 echo "run.sh: building targets: $targets" >&2
-cargo fuzz build --sanitizer "$sanitizer" "${jobs[@]}"
+cargo fuzz build --sanitizer "$sanitizer"
 
 status=0
 for target in $targets; do
@@ -36,7 +36,7 @@ for target in $targets; do
     if [[ -d "seeds/$target" ]]; then seeds=("seeds/$target"); fi
     echo "run.sh: fuzzing $target for ${seconds}s" >&2
     # The first corpus directory collects new inputs; seed directories are read only.
-    if ! cargo fuzz run --sanitizer "$sanitizer" "${jobs[@]}" "$target" "corpus/$target" "${seeds[@]}" -- \
+    if ! cargo fuzz run --sanitizer "$sanitizer" "$target" "corpus/$target" "${seeds[@]}" -- \
         -max_total_time="$seconds" -print_final_stats=1 2> >(tee "corpus/$target.log" >&2); then
         echo "run.sh: $target FAILED (see fuzz/artifacts/$target/)" >&2
         status=1
