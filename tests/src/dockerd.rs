@@ -47,11 +47,13 @@ const DOCKER_TIMEOUT: Duration = Duration::from_secs(180);
 /// docker CLI, no busybox/socat, another daemon's `docker0`) unless `HOSTNET_SKIP_DOCKER=1`, in
 /// which case it prints a note and returns false.
 pub fn available(test: &str) -> bool {
-    let skip = std::env::var("HOSTNET_SKIP_DOCKER").is_ok_and(|v| v == "1");
+    let skip = crate::skip_requested("HOSTNET_SKIP_DOCKER");
     match missing() {
         None => true,
         Some(p) if skip => {
-            eprintln!("note: {test} skipped: {p}; HOSTNET_SKIP_DOCKER=1");
+            eprintln!(
+                "note: {test} skipped: {p}; HOSTNET_SKIP_DOCKER=1 or HOSTNET_SKIP_PRIVILEGED=1"
+            );
             false
         }
         Some(p) => panic!(

@@ -31,7 +31,8 @@
 //! in order). The benchmarks are `src/bin/bridge_bench.rs`, run by `bench/bridge.sh`, and
 //! `src/bin/vm_bench.rs`, run by `bench/vm.sh`.
 //!
-//! Environment: `HOSTNET_SKIP_PRIVILEGED=1` skips the namespace tests when they cannot run;
+//! Environment: `HOSTNET_SKIP_PRIVILEGED=1` skips the privileged tests (namespaces, dockerd, the
+//! real VM) when they cannot run; `HOSTNET_SKIP_DOCKER=1` only the dockerd tests;
 //! `HOSTNET_E2E_LOG=debug` sets `RUST_LOG` for the agent and the forwarder; `HOSTNET_BIN_DIR`
 //! points at other binaries than Cargo's. The real-VM test: `HOSTNET_SKIP_VM=1` skips it when its
 //! prerequisites (`scripts/vm-setup.sh`, root) are missing; `HOSTNET_VM_CACHE` is the setup's
@@ -71,6 +72,14 @@ pub fn wait_until(deadline: Instant, mut cond: impl FnMut() -> bool) -> bool {
 /// `Instant::now() + d`.
 pub fn after(d: Duration) -> Instant {
     Instant::now() + d
+}
+
+/// True when `var=1` or `HOSTNET_SKIP_PRIVILEGED=1` (which covers every privileged test: network
+/// namespaces, the real dockerd, the real VM).
+pub fn skip_requested(var: &str) -> bool {
+    [var, "HOSTNET_SKIP_PRIVILEGED"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|v| v == "1"))
 }
 
 /// True when the test may run its privileged part. Panics when it cannot (not root, or

@@ -146,11 +146,11 @@ fn read_tools() -> anyhow::Result<VmTools> {
 /// with what to do when they are missing otherwise.
 pub fn prerequisites(test: &str) -> Option<VmTools> {
     static TOOLS: OnceLock<Result<VmTools, String>> = OnceLock::new();
-    let skip = std::env::var("HOSTNET_SKIP_VM").is_ok_and(|v| v == "1");
+    let skip = crate::skip_requested("HOSTNET_SKIP_VM");
     match TOOLS.get_or_init(|| read_tools().map_err(|e| format!("{e:#}"))) {
         Ok(t) => Some(t.clone()),
         Err(p) if skip => {
-            eprintln!("note: {test} skipped: {p}; HOSTNET_SKIP_VM=1");
+            eprintln!("note: {test} skipped: {p}; HOSTNET_SKIP_VM=1 or HOSTNET_SKIP_PRIVILEGED=1");
             None
         }
         Err(p) => panic!(
