@@ -11,8 +11,23 @@ use hostnet_e2e::net::{
 };
 use hostnet_e2e::{after, privileged, scenario, wait_until};
 
+/// Every reverse-mode bridge mirrors every host listener, the short-lived ones of
+/// `short_lived_host_listeners_are_not_reflected_back` included, so a loop in any of them would
+/// show there. That test runs alone: a listener it sees come back is its own bridge's doing (in
+/// CI one came back that its forwarder had not bound, while the other tests' bridges ran).
+static HOST_VIEW: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn host_view_shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    HOST_VIEW.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn host_view_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    HOST_VIEW.write().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn udp_echo_forward_several_clients() {
+    let _view = host_view_shared();
     if !privileged("udp_echo_forward_several_clients") {
         return;
     }
@@ -22,6 +37,7 @@ fn udp_echo_forward_several_clients() {
 
 #[test]
 fn udp_echo_reverse_several_clients() {
+    let _view = host_view_shared();
     if !privileged("udp_echo_reverse_several_clients") {
         return;
     }
@@ -52,6 +68,7 @@ fn udp_echo_reverse_several_clients() {
 
 #[test]
 fn host_server_reached_from_namespace() {
+    let _view = host_view_shared();
     if !privileged("host_server_reached_from_namespace") {
         return;
     }
@@ -84,6 +101,7 @@ fn host_server_reached_from_namespace() {
 /// Then a guest-only port: mirrored onto the host once, and never reflected back.
 #[test]
 fn same_port_on_both_sides_no_loop() {
+    let _view = host_view_shared();
     if !privileged("same_port_on_both_sides_no_loop") {
         return;
     }
@@ -188,6 +206,7 @@ fn same_port_on_both_sides_no_loop() {
 /// host listener closes (the namespace mirror is removed rather than taking its place).
 #[test]
 fn reverse_mirror_is_not_reflected_back() {
+    let _view = host_view_shared();
     if !privileged("reverse_mirror_is_not_reflected_back") {
         return;
     }
@@ -248,6 +267,7 @@ fn reverse_mirror_is_not_reflected_back() {
 /// host listener must not be reported back as a guest listener and mirrored onto the host.
 #[test]
 fn short_lived_host_listeners_are_not_reflected_back() {
+    let _view = host_view_alone();
     if !privileged("short_lived_host_listeners_are_not_reflected_back") {
         return;
     }
@@ -288,6 +308,7 @@ fn short_lived_host_listeners_are_not_reflected_back() {
 /// to a host server, and a host server's reset seen as a reset inside.
 #[test]
 fn reverse_bulk_and_reset() {
+    let _view = host_view_shared();
     if !privileged("reverse_bulk_and_reset") {
         return;
     }
@@ -345,6 +366,7 @@ fn reverse_bulk_and_reset() {
 /// forwarder connects again.
 #[test]
 fn reverse_mirrors_follow_the_forwarder() {
+    let _view = host_view_shared();
     if !privileged("reverse_mirrors_follow_the_forwarder") {
         return;
     }
@@ -396,6 +418,7 @@ fn reverse_mirrors_follow_the_forwarder() {
 /// a checksummed echo.
 #[test]
 fn reverse_three_hundred_concurrent() {
+    let _view = host_view_shared();
     if !privileged("reverse_three_hundred_concurrent") {
         return;
     }
