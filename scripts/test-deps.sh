@@ -3,7 +3,7 @@
 # root; quick when everything is present. The README's test command runs it first.
 #   network-namespace tests: iproute2; sandbox test: python3; fuzz targets (.ci/run): g++
 #   dockerd tests (tests/tests/dockerd.rs): docker.io (dockerd, docker-proxy, containerd, runc,
-#     iptables), busybox-static and socat (the test image), tar
+#     iptables), busybox-static and socat (the test image), tar, nftables (puts iptables back)
 #   real-VM tests (tests/tests/vm.rs): scripts/vm-setup.sh (QEMU, guest kernel, vhost-device-vsock)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +25,9 @@ need tar tar
 need dockerd docker.io
 need docker docker.io
 need busybox busybox-static
+# Debian's iptables is the nftables back end: `nft` deletes the tables dockerd created, so the
+# dockerd tests leave none behind (iptables alone can only empty them).
+need nft nftables
 [[ -x /usr/sbin/docker-proxy ]] || missing+=(docker.io)
 if ((${#missing[@]})); then
     if ! command -v apt-get >/dev/null 2>&1; then
