@@ -492,6 +492,36 @@ async fn tcp_concurrent_streams() {
     .await;
 }
 
+/// Every relayed stream over tcp:// is a TCP connection with its own handshake: the listener's
+/// backlog must hold a burst beyond the handshakes it runs at once. With std's 128, a burst of
+/// 500 overflowed it, and clients whose ACK was dropped waited for SYN-ACK retransmits past
+/// their 5 s handshake timeout (seen in the e2e 500-connection test). `ss` shows a listening
+/// socket's backlog as its Send-Q.
+#[tokio::test]
+async fn tcp_listener_backlog_holds_a_burst() {
+    let t = tcp_setup(Timeouts::default());
+    let filter = format!("sport = :{}", t.port());
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &filter])
+        .output()
+        .expect("ss (iproute2) is needed to read a listener's backlog");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let backlog: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listener line for {filter} in: {text:?}"));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        backlog >= 1024.min(somaxconn),
+        "backlog {backlog} (somaxconn {somaxconn})"
+    );
+}
+
 #[tokio::test]
 async fn tcp_wrong_token_is_rejected_and_counted() {
     bounded(async {

@@ -486,9 +486,24 @@ pub fn who_has(port: u16) -> String {
         .unwrap_or_else(|e| format!("ss: {e}"))
 }
 
+/// A TCP listener like std's `TcpListener::bind` (SO_REUSEADDR), with a backlog of 1024 instead
+/// of std's 128: a test server meeting a burst of hundreds of relayed connections then queues
+/// them instead of dropping handshakes into SYN-ACK retransmits (a second each).
+pub fn listen_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
 /// Binds a TCP listener on the host, panicking with who holds the port when it is taken.
 pub fn host_listener(addr: SocketAddr) -> TcpListener {
-    TcpListener::bind(addr).unwrap_or_else(|e| {
+    listen_tcp(addr).unwrap_or_else(|e| {
         panic!(
             "bind {addr} on the host: {e}; sockets on that port:\n{}",
             who_has(addr.port())

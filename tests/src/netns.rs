@@ -133,7 +133,7 @@ impl Netns {
 
     /// A TCP listener bound inside the namespace (std semantics: SO_REUSEADDR, `[::]` dual-stack).
     pub fn tcp_listener(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        self.run(|| TcpListener::bind(addr))
+        self.run(|| crate::net::listen_tcp(addr))
     }
 
     /// A UDP socket bound inside the namespace.

@@ -72,7 +72,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -89,6 +89,9 @@ pub const QUIC_RESET_CODE: u32 = 1;
 
 /// How many TCP token handshakes a listener runs at once; connections beyond wait in the backlog.
 const MAX_PENDING_HANDSHAKES: usize = 256;
+/// The `tcp://` listener's backlog (the kernel caps it at `net.core.somaxconn`): room for a burst
+/// of connections beyond [`MAX_PENDING_HANDSHAKES`].
+const TCP_BACKLOG: u32 = 4096;
 /// Accepted streams not yet taken by [`Listener::accept`].
 const ACCEPT_QUEUE: usize = 64;
 /// Pause after a failing `accept()` (EMFILE and friends) before trying again.
@@ -756,9 +759,19 @@ impl Listener {
                             what: "a shared token (token file)",
                         })?;
                 let addr = resolve_bind(&endpoint, hp)?;
-                let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
-                std_listener.set_nonblocking(true).map_err(bind_err)?;
-                let listener = TcpListener::from_std(std_listener).map_err(bind_err)?;
+                // Not std's bind: its backlog of 128 overflowed under a burst of streams (each
+                // one a TCP connection) while MAX_PENDING_HANDSHAKES were running, and a client
+                // whose handshake ACK the kernel dropped waited for SYN-ACK retransmits past
+                // its handshake timeout.
+                let socket = if addr.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .map_err(bind_err)?;
+                socket.set_reuseaddr(true).map_err(bind_err)?;
+                socket.bind(addr).map_err(bind_err)?;
+                let listener = socket.listen(TCP_BACKLOG).map_err(bind_err)?;
                 let local = listener.local_addr().map_err(bind_err)?;
                 let bound = Endpoint::Tcp(HostPort {
                     host: hp.host.clone(),
