@@ -40,13 +40,16 @@ pub fn free_port() -> u16 {
         let off = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = 20_000 + (base - 20_000 + off) % 12_000;
         // A bound, non-listening TCP socket: a listening probe would be visible (briefly) to
-        // every reverse-mode forwarder of a parallel test.
+        // every reverse-mode forwarder of a parallel test. With SO_REUSEADDR, like every TCP
+        // listener of the tests and the forwarder: a process forked by a parallel test holds a
+        // copy of the probe until its exec, and a probe without it would make their bind fail.
         let free = [LO4, LO6].iter().all(|ip| {
             let tcp = socket2::Socket::new(
                 socket2::Domain::for_address(sa(*ip, port)),
                 socket2::Type::STREAM,
                 None,
             )
+            .and_then(|s| s.set_reuse_address(true).map(|()| s))
             .and_then(|s| s.bind(&sa(*ip, port).into()));
             tcp.is_ok() && UdpSocket::bind(sa(*ip, port)).is_ok()
         });
@@ -441,18 +444,18 @@ fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// Local addresses of the sockets in `/proc/thread-self/net/{proto}{,6}` (the calling thread's
-/// namespace) whose state is `state` (TCP listen: `0A`; UDP unconnected: `07`).
-fn proc_sockets(proto: &str, state: &str) -> Vec<SocketAddr> {
+/// Local addresses and socket inodes of the sockets in `/proc/thread-self/net/{proto}{,6}` (the
+/// calling thread's namespace) whose state is `state` (TCP listen: `0A`; UDP unconnected: `07`).
+fn proc_sockets(proto: &str, state: &str) -> Vec<(SocketAddr, u64)> {
     let mut out = Vec::new();
     for f in [proto.to_string(), format!("{proto}6")] {
         let text =
             std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).unwrap_or_default();
         for l in text.lines().skip(1) {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            if cols.len() > 3 && cols[3] == state {
-                if let Some(a) = parse_proc_addr(cols[1]) {
-                    out.push(a);
+            if cols.len() > 9 && cols[3] == state {
+                if let (Some(a), Ok(ino)) = (parse_proc_addr(cols[1]), cols[9].parse()) {
+                    out.push((a, ino));
                 }
             }
         }
@@ -463,11 +466,34 @@ fn proc_sockets(proto: &str, state: &str) -> Vec<SocketAddr> {
 /// TCP listening addresses in the calling thread's namespace.
 pub fn tcp_listeners() -> Vec<SocketAddr> {
     proc_sockets("tcp", "0A")
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect()
+}
+
+/// TCP listening addresses with their socket inodes, in the calling thread's namespace.
+pub fn tcp_listener_inodes() -> Vec<(SocketAddr, u64)> {
+    proc_sockets("tcp", "0A")
+}
+
+/// The inode of a socket (what `/proc/net/tcp` and `ss -e` show for it).
+pub fn socket_inode(fd: &impl AsFd) -> u64 {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
+        .expect("readlink /proc/self/fd");
+    link.to_str()
+        .and_then(|t| t.strip_prefix("socket:["))
+        .and_then(|t| t.strip_suffix(']'))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("not a socket: {}", link.display()))
 }
 
 /// Bound, unconnected UDP addresses in the calling thread's namespace.
 pub fn udp_bound() -> Vec<SocketAddr> {
     proc_sockets("udp", "07")
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect()
 }
 
 /// `ss` lines (with owning processes) for every socket on `port` in the calling thread's
@@ -501,14 +527,34 @@ pub fn listen_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(s.into())
 }
 
-/// Binds a TCP listener on the host, panicking with who holds the port when it is taken.
+/// Binds on the host, retrying `EADDRINUSE` for up to 2 s: a process forked by a parallel test
+/// holds a copy of every descriptor until its exec closes them, so a probe or a server just
+/// closed by this test can keep its port taken for a moment (seen under load). Panics with
+/// who holds the port when it stays taken.
+fn bind_on_host<T>(addr: SocketAddr, bind: impl Fn(SocketAddr) -> io::Result<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match bind(addr) {
+            Ok(s) => return s,
+            Err(e) if e.kind() == ErrorKind::AddrInUse && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!(
+                "bind {addr} on the host: {e}; sockets on that port:\n{}",
+                who_has(addr.port())
+            ),
+        }
+    }
+}
+
+/// Binds a TCP listener on the host (see [`bind_on_host`]).
 pub fn host_listener(addr: SocketAddr) -> TcpListener {
-    listen_tcp(addr).unwrap_or_else(|e| {
-        panic!(
-            "bind {addr} on the host: {e}; sockets on that port:\n{}",
-            who_has(addr.port())
-        )
-    })
+    bind_on_host(addr, listen_tcp)
+}
+
+/// Binds a UDP socket on the host (see [`bind_on_host`]).
+pub fn host_udp(addr: SocketAddr) -> UdpSocket {
+    bind_on_host(addr, UdpSocket::bind)
 }
 
 #[cfg(test)]
