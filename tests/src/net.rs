@@ -471,21 +471,20 @@ pub fn tcp_listeners() -> Vec<SocketAddr> {
         .collect()
 }
 
-/// TCP listening addresses with their socket inodes, in the calling thread's namespace.
-pub fn tcp_listener_inodes() -> Vec<(SocketAddr, u64)> {
+/// The TCP listeners on `port` in the calling thread's namespace other than the socket `ours`
+/// (a [`socket_inode`]): a test's own listener is still listed after the test closed it while a
+/// process forked by a parallel test holds a copy of it (until its exec), and is not a mirror.
+pub fn tcp_listeners_except(port: u16, ours: u64) -> Vec<SocketAddr> {
     proc_sockets("tcp", "0A")
+        .into_iter()
+        .filter(|&(a, ino)| a.port() == port && ino != ours)
+        .map(|(a, _)| a)
+        .collect()
 }
 
-/// The inode of a socket (what `/proc/net/tcp` and `ss -e` show for it).
-pub fn socket_inode(fd: &impl AsFd) -> u64 {
-    use std::os::fd::AsRawFd;
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
-        .expect("readlink /proc/self/fd");
-    link.to_str()
-        .and_then(|t| t.strip_prefix("socket:["))
-        .and_then(|t| t.strip_suffix(']'))
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| panic!("not a socket: {}", link.display()))
+/// The inode of a socket, as `/proc/net/tcp` shows it.
+pub fn socket_inode(fd: impl AsFd) -> u64 {
+    nix::sys::stat::fstat(fd).expect("fstat").st_ino
 }
 
 /// Bound, unconnected UDP addresses in the calling thread's namespace.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use hostnet_e2e::bridge::{Bridge, Transport};
 use hostnet_e2e::net::{
     LO4, LO6, TcpServer, UdpEcho, echo_on, free_port, host_udp, read_tag, sa, socket_inode,
-    tag_handler, tcp_listener_inodes, tcp_listeners, udp_bound,
+    tag_handler, tcp_listeners, tcp_listeners_except, udp_bound,
 };
 use hostnet_e2e::{after, privileged, scenario, wait_until};
 
@@ -201,16 +201,8 @@ fn reverse_mirror_is_not_reflected_back() {
         "host 127.0.0.1:{port} not mirrored into the namespace\n{}",
         b.describe()
     );
-    // Our own listener held open after its drop by a process a parallel test forked (until its
-    // exec) is not a mirror: only sockets other than ours count.
     let ours = socket_inode(&l);
-    let host_now = |p: u16| -> Vec<std::net::SocketAddr> {
-        tcp_listener_inodes()
-            .into_iter()
-            .filter(|(a, ino)| a.port() == p && *ino != ours)
-            .map(|(a, _)| a)
-            .collect()
-    };
+    let host_now = |p: u16| tcp_listeners_except(p, ours);
     // Watch for a while with the host listener open, then after closing it.
     let mut seen = Vec::new();
     let t = std::time::Instant::now();
@@ -260,7 +252,6 @@ fn short_lived_host_listeners_are_not_reflected_back() {
     let _m = TcpServer::echo(b.ns.tcp_listener(sa(LO4, marker)).unwrap());
     b.expect_tcp(LO4, marker);
     let mut reflected = Vec::new();
-    let mut held = 0;
     for round in 0..8u64 {
         let port = free_port();
         let l = hostnet_e2e::net::host_listener(sa(LO4, port));
@@ -268,32 +259,14 @@ fn short_lived_host_listeners_are_not_reflected_back() {
         std::thread::sleep(Duration::from_millis(40 + 20 * round));
         drop(l);
         let t = std::time::Instant::now();
-        let mut seen_ours = false;
         while t.elapsed() < Duration::from_millis(400) {
-            let on_host: Vec<_> = tcp_listener_inodes()
-                .into_iter()
-                .filter(|(a, _)| a.port() == port)
-                .collect();
-            // Our own socket, still listening after the drop: a process forked by a parallel
-            // test holds a copy of every descriptor until its exec closes them (seen under
-            // load). Not a mirror; a mirror is a socket of its own.
-            seen_ours |= on_host.iter().any(|(_, ino)| *ino == ours);
-            let others: Vec<_> = on_host
-                .into_iter()
-                .filter(|(_, ino)| *ino != ours)
-                .collect();
+            let others = tcp_listeners_except(port, ours);
             if !others.is_empty() {
                 reflected.push((round, port, others, hostnet_e2e::net::who_has(port)));
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        held += usize::from(seen_ours);
-    }
-    if held > 0 {
-        eprintln!(
-            "note: {held} of 8 closed host listeners were briefly held open by a forked child"
-        );
     }
     if !reflected.is_empty() {
         panic!(
