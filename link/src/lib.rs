@@ -3,11 +3,17 @@
 //! - [`proto`]: the wire protocol — stream preface and headers, relay status, the control
 //!   stream's messages, and the framed stream mode for transports that cannot half-close.
 //! - [`transport`]: one URI per transport (`vsock://`, `hybrid-vsock://`, `unix://`, `tcp://`,
-//!   `quic://`), each giving authenticated byte streams that can half-close and reset.
+//!   `quic://`, `hvsock://`), each giving authenticated byte streams that can half-close and
+//!   reset; the ones a host system lacks are refused with a clear error.
 //! - [`relay`]: the byte relay between a local TCP connection and a link stream, with
 //!   half-close carried and resets passed on; both sides use it.
-//! - [`discovery`]: the listening sockets of this machine, through netlink sock_diag, and a
-//!   watcher that reports additions and removals.
+//! - [`discovery`]: the listener set and its diff (every host); on Linux, the listening sockets
+//!   of this machine through netlink sock_diag, and a watcher that reports additions and
+//!   removals.
+//!
+//! The crate builds for Linux, macOS and Windows hosts: the protocol, the relay and the unix,
+//! tcp, QUIC and hybrid-vsock transports are portable; sock_diag and AF_VSOCK are Linux-only and
+//! AF_HYPERV Windows-only, each behind `cfg(target_os)` on its code and its dependencies.
 
 pub mod discovery;
 pub mod proto;

@@ -439,20 +439,12 @@ async fn tcp_bulk_both_ways() {
         let c = t.connector();
         let (a, b) = pair(&c, &mut t.listener).await;
         assert!(matches!(b.peer(), Peer::Tcp(_)));
-        let nodelay = socket2::SockRef::from(&borrow_fd(&a))
-            .tcp_nodelay()
-            .unwrap();
+        let nodelay = a.tcp_nodelay().expect("a tcp stream").unwrap();
         assert!(nodelay, "TCP_NODELAY on");
+        assert!(b.tcp_nodelay().expect("a tcp stream").unwrap());
         bulk_both_ways(a, b).await;
     })
     .await;
-}
-
-/// A borrowed view of a stream's socket, for option checks.
-fn borrow_fd(s: &Stream) -> std::os::fd::BorrowedFd<'_> {
-    let fd = s.as_raw_fd().unwrap();
-    // SAFETY: `fd` is the open socket owned by `s`, which outlives the returned borrow.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 #[tokio::test]

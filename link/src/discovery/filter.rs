@@ -9,7 +9,7 @@ use netlink_packet_sock_diag::inet::StateFlags;
 
 use super::Error;
 use super::diag::{DiagCounters, DiagRecord, DiagSocket, STATE_CLOSE, STATE_LISTEN};
-use super::set::{Listener, ListenerSet, Protocol};
+use super::set::{Listener, ListenerSet, PortRange, Protocol};
 
 const PORT_RANGE_PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 const SELF_FD_PATH: &str = "/proc/self/fd";
@@ -50,22 +50,6 @@ impl Default for Options {
             exclude_udp_ephemeral: true,
             exclude_ports: BTreeSet::new(),
         }
-    }
-}
-
-/// An inclusive port range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    /// First port of the range.
-    pub first: u16,
-    /// Last port of the range (inclusive).
-    pub last: u16,
-}
-
-impl PortRange {
-    /// Whether `port` is in the range.
-    pub fn contains(&self, port: u16) -> bool {
-        self.first <= port && port <= self.last
     }
 }
 

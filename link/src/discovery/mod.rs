@@ -1,4 +1,4 @@
-//! Listener discovery (Linux): the listening sockets of the caller's network namespace, through
+//! Listener discovery: the listener set and its diff on every host; on Linux, the listening sockets of the caller's network namespace, through
 //! netlink sock_diag, and a watcher that reports additions and removals.
 //!
 //! # What counts as a listener
@@ -44,17 +44,24 @@
 //! Nothing here knows about network namespaces: the dump and `/proc/sys/net` describe the
 //! namespace of the calling thread.
 //!
-//! The set and its diff ([`ListenerSet`], [`diff`]) are plain data, tested without sockets.
+//! The set and its diff ([`ListenerSet`], [`diff`]) are plain data, tested without sockets, and
+//! exist on every host (the forwarder's macOS and Windows enumerators report into them); the
+//! sock_diag dump and the watcher are Linux-only.
 
+#[cfg(target_os = "linux")]
 mod diag;
+#[cfg(target_os = "linux")]
 mod filter;
 mod set;
+#[cfg(target_os = "linux")]
 mod watch;
 
 use std::io;
 
-pub use filter::{Discovery, Options, PortRange, ephemeral_port_range, own_socket_inodes};
-pub use set::{Diff, Listener, ListenerSet, Protocol, diff};
+#[cfg(target_os = "linux")]
+pub use filter::{Discovery, Options, ephemeral_port_range, own_socket_inodes};
+pub use set::{Diff, Listener, ListenerSet, PortRange, Protocol, diff};
+#[cfg(target_os = "linux")]
 pub use watch::{DEFAULT_INTERVAL, Event, Stats, Watcher, WatcherHandle};
 
 /// What can go wrong in discovery.
@@ -83,6 +90,7 @@ pub enum Error {
     Spawn(#[source] io::Error),
 }
 
+#[cfg(target_os = "linux")]
 /// One snapshot with these options: a convenience for [`Discovery::new`] then
 /// [`Discovery::snapshot`].
 pub fn snapshot(options: &Options) -> Result<ListenerSet, Error> {

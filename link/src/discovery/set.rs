@@ -22,6 +22,22 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port of the range.
+    pub first: u16,
+    /// Last port of the range (inclusive).
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+}
+
 /// One listening socket of this network namespace, as sock_diag reports it.
 ///
 /// Two listeners are equal only if every field is equal; the socket inode makes each one unique

@@ -33,6 +33,12 @@ use super::tls::TlsIdentity;
 /// The host's vsock CID, the only peer a `vsock://any:PORT` listener accepts by default.
 pub const VSOCK_HOST_CID: u32 = 2;
 
+/// Whether a connection from `peer_cid` may be accepted, given the allowed CIDs
+/// (by default only the host, CID 2).
+pub fn cid_allowed(peer_cid: u32, allowed: &[u32]) -> bool {
+    allowed.contains(&peer_cid)
+}
+
 /// A shared secret for `tcp://`. Its `Debug` does not show it.
 #[derive(Clone)]
 pub struct Token(Arc<[u8]>);
@@ -80,8 +86,7 @@ impl Auth {
             source,
         })?;
         if let Ok(meta) = std::fs::metadata(path) {
-            use std::os::unix::fs::PermissionsExt;
-            if meta.permissions().mode() & 0o077 != 0 {
+            if super::private::readable_by_others(&meta) {
                 tracing::warn!(path = %path.display(), "token file is readable by group or others");
             }
         }
@@ -276,6 +281,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_allowed_cids_pass() {
+        assert!(cid_allowed(2, &[2]));
+        assert!(!cid_allowed(3, &[2]));
+        assert!(!cid_allowed(1, &[2]));
+        assert!(cid_allowed(3, &[2, 3]));
+        assert!(!cid_allowed(2, &[]));
+    }
 
     fn token(s: &str) -> Token {
         Auth::token(s.as_bytes()).unwrap().token.unwrap()

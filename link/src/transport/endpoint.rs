@@ -8,6 +8,7 @@
 //! | `unix:///path/to/agent.sock` | both |
 //! | `tcp://HOST:PORT` | both (`HOST` may be a name, an IPv4 or a bracketed IPv6 address) |
 //! | `quic://HOST:PORT` | both |
+//! | `hvsock://VMID:PORT` | connect only (Windows host; `VMID` a GUID, `PORT` the guest's vsock port) |
 //!
 //! Parsing only checks syntax; whether an endpoint fits a side (connect or listen) is checked by
 //! [`Connector::connect`](super::Connector::connect) and [`Listener::bind`](super::Listener::bind).
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::error::TransportError;
+use super::hvsock::Guid;
 
 /// A vsock context id as written in a URI: a number or `any` (`VMADDR_CID_ANY`, listen side).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,10 +93,17 @@ pub enum Endpoint {
     Tcp(HostPort),
     /// `quic://HOST:PORT`.
     Quic(HostPort),
+    /// `hvsock://VMID:PORT`: a Hyper-V socket to the vsock port `PORT` of the VM `VMID`.
+    Hvsock {
+        /// The VM's id (`hcsdiag list`, `Get-VM NAME | select Id`).
+        vm: Guid,
+        /// The guest's vsock port.
+        port: u32,
+    },
 }
 
 impl Endpoint {
-    /// The URI scheme (`"vsock"`, `"hybrid-vsock"`, `"unix"`, `"tcp"`, `"quic"`).
+    /// The URI scheme (`"vsock"`, `"hybrid-vsock"`, `"unix"`, `"tcp"`, `"quic"`, `"hvsock"`).
     pub fn scheme(&self) -> &'static str {
         match self {
             Endpoint::Vsock(_) => "vsock",
@@ -102,6 +111,7 @@ impl Endpoint {
             Endpoint::Unix(_) => "unix",
             Endpoint::Tcp(_) => "tcp",
             Endpoint::Quic(_) => "quic",
+            Endpoint::Hvsock { .. } => "hvsock",
         }
     }
 }
@@ -116,6 +126,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Unix(path) => write!(f, "unix://{}", path.display()),
             Endpoint::Tcp(hp) => write!(f, "tcp://{hp}"),
             Endpoint::Quic(hp) => write!(f, "quic://{hp}"),
+            Endpoint::Hvsock { vm, port } => write!(f, "hvsock://{vm}:{port}"),
         }
     }
 }
@@ -238,10 +249,18 @@ impl FromStr for Endpoint {
             }
             "tcp" => Ok(Endpoint::Tcp(parse_host_port(uri, rest)?)),
             "quic" => Ok(Endpoint::Quic(parse_host_port(uri, rest)?)),
+            "hvsock" => {
+                let (vm, port) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| invalid(uri, "expected hvsock://VMID:PORT"))?;
+                let vm = vm.parse().map_err(|e| invalid(uri, format!("VMID: {e}")))?;
+                let port = parse_number(uri, port, "port")?;
+                Ok(Endpoint::Hvsock { vm, port })
+            }
             other => Err(invalid(
                 uri,
                 format!(
-                    "unknown scheme {other:?} (expected vsock, hybrid-vsock, unix, tcp or quic)"
+                    "unknown scheme {other:?} (expected vsock, hybrid-vsock, unix, tcp, quic or hvsock)"
                 ),
             )),
         }
@@ -325,6 +344,13 @@ mod tests {
             })
         );
         assert_eq!(ok("quic://[::1]:4433").scheme(), "quic");
+        assert_eq!(
+            ok("hvsock://11223344-5566-7788-99aa-bbccddeeff00:5000"),
+            Endpoint::Hvsock {
+                vm: "11223344-5566-7788-99aa-bbccddeeff00".parse().unwrap(),
+                port: 5000
+            }
+        );
         // `ANY` in any case is accepted, and printed back in lower case.
         assert_eq!(
             "vsock://ANY:5".parse::<Endpoint>().unwrap().to_string(),
@@ -365,6 +391,13 @@ mod tests {
         bad("tcp://h:80/path", "no path");
         bad("tcp://user@h:80", "user info");
         bad("quic://h", "missing :PORT");
+        bad("hvsock://5000", "VMID:PORT");
+        bad("hvsock://vm:5000", "not a GUID");
+        bad("hvsock://11223344-5566-7788-99aa-bbccddeeff00:", "port");
+        bad(
+            "hvsock://11223344-5566-7788-99aa-bbccddeeff00:-1",
+            "not a number",
+        );
     }
 
     fn arb_endpoint() -> impl proptest::strategy::Strategy<Value = Endpoint> {
@@ -385,6 +418,19 @@ mod tests {
             path.prop_map(Endpoint::Unix),
             hp.clone().prop_map(Endpoint::Tcp),
             hp.prop_map(Endpoint::Quic),
+            (any::<(u32, u16, u16, [u8; 8])>(), any::<u32>()).prop_map(
+                |((data1, data2, data3, data4), port)| {
+                    Endpoint::Hvsock {
+                        vm: Guid {
+                            data1,
+                            data2,
+                            data3,
+                            data4,
+                        },
+                        port,
+                    }
+                }
+            ),
         ]
     }
 
@@ -403,7 +449,7 @@ mod tests {
 
         #[test]
         fn arbitrary_uris_never_panic(
-            scheme in "(vsock|hybrid-vsock|unix|tcp|quic)",
+            scheme in "(vsock|hybrid-vsock|unix|tcp|quic|hvsock)",
             rest in "[\\[\\]:/?=#@a-z0-9.+-]{0,40}",
         ) {
             let _ = format!("{scheme}://{rest}").parse::<Endpoint>();

@@ -30,6 +30,17 @@
 //! | `unix:///path` | yes | yes | socket file mode 0600 | yes | no (EOF) |
 //! | `tcp://HOST:PORT` | yes | yes | shared token, challenge–response ([`Auth::token_file`]) | yes | yes (RST) |
 //! | `quic://HOST:PORT` | yes | yes | mutual TLS, pinned certificates ([`TlsIdentity`]) | yes (FIN) | yes (RESET/STOP) |
+//! | `hvsock://VMID:PORT` (Windows) | yes | no | Hyper-V: only the host and its VMs reach the socket | yes | no (EOF) |
+//!
+//! # Host systems
+//!
+//! What exists on one host system only sits in one `sys` module per OS, chosen where it is
+//! declared (the way quinn-udp lays out its platform code); everything else here is the same code
+//! on every host. Linux: unix, AF_VSOCK. macOS: unix (vfkit's vsock sockets), no AF_VSOCK.
+//! Windows: AF_HYPERV (`hvsock://`), no AF_UNIX (tokio offers none there). A transport the host
+//! lacks is refused by [`Connector::connect`] and [`Listener::bind`] with
+//! [`TransportError::Unsupported`], which names the transports that are there. `tcp://` and
+//! `quic://` work everywhere.
 //!
 //! * **Half-close** is [`AsyncWrite::poll_shutdown`] (`shutdown().await`): `shutdown(SHUT_WR)` on
 //!   sockets, `finish()` on a QUIC send stream. [`Stream::carries_half_close`] is false for
@@ -54,16 +65,21 @@
 mod auth;
 mod endpoint;
 mod error;
+mod hvsock;
 mod hybrid;
+mod private;
 mod quic;
+#[cfg_attr(target_os = "linux", path = "sys/linux.rs")]
+#[cfg_attr(all(unix, not(target_os = "linux")), path = "sys/unix.rs")]
+#[cfg_attr(windows, path = "sys/windows.rs")]
+mod sys;
 mod tls;
+#[cfg(unix)]
 mod unix;
-mod vsock;
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -72,16 +88,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-pub use auth::{Auth, Token, VSOCK_HOST_CID};
+pub use auth::{Auth, Token, VSOCK_HOST_CID, cid_allowed};
 pub use endpoint::{Endpoint, HostPort, VsockCid, VsockEndpoint};
 pub use error::TransportError;
+pub use hvsock::{AF_HYPERV, BadGuid, Guid, HV_PROTOCOL_RAW, SOCKADDR_HV_LEN, sockaddr_hv};
 pub use tls::{ALPN, CERT_FILE, KEY_FILE, TlsIdentity, fingerprint, keygen};
-pub use unix::SOCKET_MODE;
-pub use vsock::cid_allowed;
+/// The mode of a `unix://` socket file.
+pub const SOCKET_MODE: u32 = 0o600;
 
 /// The application error code of a QUIC `RESET_STREAM` / `STOP_SENDING` sent by
 /// [`Stream::reset`].
@@ -145,6 +162,13 @@ pub enum Peer {
         /// The guest port.
         port: u32,
     },
+    /// A Hyper-V socket to a VM's vsock port.
+    Hvsock {
+        /// The VM's id.
+        vm: Guid,
+        /// The guest's vsock port.
+        port: u32,
+    },
     /// A QUIC stream.
     Quic {
         /// The peer's UDP address.
@@ -172,6 +196,7 @@ impl fmt::Display for Peer {
             Peer::HybridVsock { path, port } => {
                 write!(f, "hybrid-vsock:{}:{port}", path.display())
             }
+            Peer::Hvsock { vm, port } => write!(f, "hvsock:{vm}:{port}"),
             Peer::Quic { addr, stream } => write!(f, "quic:{addr}#{stream}"),
         }
     }
@@ -184,9 +209,10 @@ struct QuicIo {
 }
 
 enum Io {
-    Unix(UnixStream),
+    Unix(sys::UnixStream),
     Tcp(TcpStream),
-    Vsock(tokio_vsock::VsockStream),
+    /// The VM socket family of this host: AF_VSOCK (Linux), AF_HYPERV (Windows).
+    Vsock(sys::VmStream),
     Quic(Box<QuicIo>),
 }
 
@@ -208,15 +234,10 @@ impl fmt::Debug for Stream {
 }
 
 impl Stream {
-    fn unix(io: UnixStream, path: PathBuf) -> Self {
-        let cred = io.peer_cred().ok();
+    fn unix(io: sys::UnixStream, path: PathBuf, pid: Option<i32>, uid: Option<u32>) -> Self {
         Self {
             io: Io::Unix(io),
-            peer: Peer::Unix {
-                path,
-                pid: cred.and_then(|c| c.pid()),
-                uid: cred.map(|c| c.uid()),
-            },
+            peer: Peer::Unix { path, pid, uid },
             half_close: true,
         }
     }
@@ -273,13 +294,12 @@ impl Stream {
         }
     }
 
-    /// The socket's file descriptor, for zero-copy relays (`None` for QUIC).
-    pub fn as_raw_fd(&self) -> Option<RawFd> {
+    /// For `tcp://` streams, whether `TCP_NODELAY` is on (both sides set it). `None` for other
+    /// transports.
+    pub fn tcp_nodelay(&self) -> Option<io::Result<bool>> {
         match &self.io {
-            Io::Unix(s) => Some(s.as_raw_fd()),
-            Io::Tcp(s) => Some(s.as_raw_fd()),
-            Io::Vsock(s) => Some(s.as_raw_fd()),
-            Io::Quic(_) => None,
+            Io::Tcp(s) => Some(s.nodelay()),
+            _ => None,
         }
     }
 
@@ -398,6 +418,7 @@ enum ConnectorKind {
     Tcp(HostPort, Token),
     Vsock { cid: u32, port: u32 },
     Hybrid { path: PathBuf, port: u32 },
+    Hvsock { vm: Guid, port: u32 },
     Quic(Box<quic::QuicConnector>),
 }
 
@@ -439,6 +460,9 @@ impl Connector {
                 source: io::Error::other(e),
             });
         }
+        if let Some(reason) = sys::unsupported(&endpoint) {
+            return Err(TransportError::Unsupported { endpoint, reason });
+        }
         let kind = match &endpoint {
             Endpoint::Unix(path) => ConnectorKind::Unix(path.clone()),
             Endpoint::Tcp(hp) => {
@@ -461,6 +485,10 @@ impl Connector {
             },
             Endpoint::HybridVsock { path, port } => ConnectorKind::Hybrid {
                 path: path.clone(),
+                port: *port,
+            },
+            Endpoint::Hvsock { vm, port } => ConnectorKind::Hvsock {
+                vm: *vm,
                 port: *port,
             },
             Endpoint::Quic(hp) => {
@@ -521,7 +549,7 @@ impl Connector {
     pub async fn open(&self) -> Result<Stream, TransportError> {
         match &self.kind {
             ConnectorKind::Unix(path) => {
-                let s = self.bounded(UnixStream::connect(path)).await?;
+                let s = self.bounded(sys::unix_connect(path)).await?;
                 Ok(Stream {
                     io: Io::Unix(s),
                     peer: Peer::Unix {
@@ -544,7 +572,7 @@ impl Connector {
                 })
             }
             ConnectorKind::Vsock { cid, port } => {
-                let s = self.bounded(vsock::connect(*cid, *port)).await?;
+                let s = self.bounded(sys::vsock_connect(*cid, *port)).await?;
                 Ok(Stream {
                     io: Io::Vsock(s),
                     peer: Peer::Vsock {
@@ -555,7 +583,7 @@ impl Connector {
                 })
             }
             ConnectorKind::Hybrid { path, port } => {
-                let mut s = self.bounded(UnixStream::connect(path)).await?;
+                let mut s = self.bounded(sys::unix_connect(path)).await?;
                 self.hybrid_handshake(&mut s, *port).await?;
                 Ok(Stream {
                     io: Io::Unix(s),
@@ -564,6 +592,17 @@ impl Connector {
                         port: *port,
                     },
                     half_close: false,
+                })
+            }
+            ConnectorKind::Hvsock { vm, port } => {
+                let s = self.bounded(sys::hvsock_connect(vm, *port)).await?;
+                Ok(Stream {
+                    io: Io::Vsock(s),
+                    peer: Peer::Hvsock {
+                        vm: *vm,
+                        port: *port,
+                    },
+                    half_close: true,
                 })
             }
             ConnectorKind::Quic(q) => q.open(&self.timeouts).await,
@@ -612,7 +651,11 @@ impl Connector {
         })
     }
 
-    async fn hybrid_handshake(&self, s: &mut UnixStream, port: u32) -> Result<(), TransportError> {
+    async fn hybrid_handshake(
+        &self,
+        s: &mut sys::UnixStream,
+        port: u32,
+    ) -> Result<(), TransportError> {
         use hybrid::HybridFailure;
         let stage = format!("guest port {port}: CONNECT");
         let result =
@@ -709,7 +752,7 @@ pub struct Listener {
     rx: mpsc::Receiver<Stream>,
     stats: Arc<Stats>,
     _task: AbortOnDrop,
-    _file: Option<unix::SocketFile>,
+    _file: Option<sys::SocketFile>,
 }
 
 impl Listener {
@@ -732,6 +775,9 @@ impl Listener {
                 source: io::Error::other(e),
             });
         }
+        if let Some(reason) = sys::unsupported(&endpoint) {
+            return Err(TransportError::Unsupported { endpoint, reason });
+        }
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let stats = Arc::new(Stats::default());
         let bind_err = |source| TransportError::Bind {
@@ -740,7 +786,7 @@ impl Listener {
         };
         let (bound, task, file) = match &endpoint {
             Endpoint::Unix(path) => {
-                let (listener, file) = unix::bind(&endpoint, path)?;
+                let (listener, file) = sys::unix_bind(&endpoint, path)?;
                 let task = tokio::spawn(unix_accept_loop(
                     listener,
                     endpoint.clone(),
@@ -769,7 +815,8 @@ impl Listener {
                     TcpSocket::new_v6()
                 }
                 .map_err(bind_err)?;
-                socket.set_reuseaddr(true).map_err(bind_err)?;
+                // Over TIME_WAIT on unix; on Windows SO_REUSEADDR would share a taken port.
+                socket.set_reuseaddr(cfg!(unix)).map_err(bind_err)?;
                 socket.bind(addr).map_err(bind_err)?;
                 let listener = socket.listen(TCP_BACKLOG).map_err(bind_err)?;
                 let local = listener.local_addr().map_err(bind_err)?;
@@ -788,7 +835,7 @@ impl Listener {
                 (bound, task, None)
             }
             Endpoint::Vsock(v) => {
-                let listener = vsock::bind(v.cid, v.port).map_err(bind_err)?;
+                let listener = sys::vsock_bind(v.cid, v.port).map_err(bind_err)?;
                 let task = tokio::spawn(vsock_accept_loop(
                     listener,
                     endpoint.clone(),
@@ -798,10 +845,10 @@ impl Listener {
                 ));
                 (endpoint.clone(), task, None)
             }
-            Endpoint::HybridVsock { .. } => {
+            Endpoint::HybridVsock { .. } | Endpoint::Hvsock { .. } => {
                 return Err(TransportError::Unsupported {
                     endpoint: endpoint.clone(),
-                    reason: "hybrid vsock is connect side only; the guest listens on vsock://any:PORT",
+                    reason: "hybrid vsock and hvsock are connect side only; the guest listens on vsock://any:PORT",
                 });
             }
             Endpoint::Quic(hp) => {
@@ -871,17 +918,17 @@ async fn accept_failed(endpoint: &Endpoint, error: io::Error) {
 }
 
 async fn unix_accept_loop(
-    listener: UnixListener,
+    listener: sys::UnixListener,
     endpoint: Endpoint,
     path: PathBuf,
     tx: mpsc::Sender<Stream>,
     stats: Arc<Stats>,
 ) {
     loop {
-        match listener.accept().await {
-            Ok((s, _)) => {
+        match sys::unix_accept(&listener).await {
+            Ok((s, pid, uid)) => {
                 stats.accepted.fetch_add(1, Ordering::Relaxed);
-                let stream = Stream::unix(s, path.clone());
+                let stream = Stream::unix(s, path.clone(), pid, uid);
                 tracing::debug!(endpoint = %endpoint, peer = %stream.peer, "accepted");
                 if tx.send(stream).await.is_err() {
                     return;
@@ -958,16 +1005,15 @@ async fn tcp_accept_loop(
 }
 
 async fn vsock_accept_loop(
-    listener: tokio_vsock::VsockListener,
+    listener: sys::VmListener,
     endpoint: Endpoint,
     allowed: Vec<u32>,
     tx: mpsc::Sender<Stream>,
     stats: Arc<Stats>,
 ) {
     loop {
-        match listener.accept().await {
-            Ok((s, addr)) => {
-                let (cid, port) = (addr.cid(), addr.port());
+        match sys::vm_accept(&listener).await {
+            Ok((s, cid, port)) => {
                 if !cid_allowed(cid, &allowed) {
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(endpoint = %endpoint, cid, port, ?allowed, "vsock peer CID not allowed; closing");

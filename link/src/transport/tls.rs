@@ -12,7 +12,6 @@
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -44,24 +43,13 @@ pub fn keygen(dir: &Path) -> Result<PathBuf, TransportError> {
         let path = path.to_owned();
         move |source| TransportError::CredentialFile { what, path, source }
     };
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(file_err("key directory", dir))?;
-    }
+    super::private::create_dir(dir).map_err(file_err("key directory", dir))?;
     let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
         .map_err(TransportError::Keygen)?;
     let key_path = dir.join(KEY_FILE);
     let cert_path = dir.join(CERT_FILE);
-    let mut key = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .map_err(file_err("private key", &key_path))?;
+    let mut key =
+        super::private::create_new_file(&key_path).map_err(file_err("private key", &key_path))?;
     key.write_all(&certified.signing_key.serialize_der())
         .and_then(|()| key.sync_all())
         .map_err(file_err("private key", &key_path))?;

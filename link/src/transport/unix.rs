@@ -27,11 +27,9 @@ use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use super::SOCKET_MODE;
 use super::endpoint::Endpoint;
 use super::error::TransportError;
-
-/// The mode of a `unix://` socket file.
-pub const SOCKET_MODE: u32 = 0o600;
 
 /// Removes the socket file on drop if it is still ours (same device and inode).
 #[derive(Debug)]
@@ -80,6 +78,21 @@ pub(crate) fn probe(path: &Path) -> io::Result<PathState> {
     }
 }
 
+/// Connects to the unix socket at `path`.
+pub(crate) async fn connect(path: &Path) -> io::Result<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(path).await
+}
+
+/// Accepts one connection: the stream and the peer's pid and uid where the OS tells
+/// (`SO_PEERCRED`, `LOCAL_PEERCRED`).
+pub(crate) async fn accept(
+    listener: &tokio::net::UnixListener,
+) -> io::Result<(tokio::net::UnixStream, Option<i32>, Option<u32>)> {
+    let (s, _) = listener.accept().await?;
+    let cred = s.peer_cred().ok();
+    Ok((s, cred.and_then(|c| c.pid()), cred.map(|c| c.uid())))
+}
+
 /// Binds and listens on `path` with mode 0600 (see the module docs).
 pub(crate) fn bind(
     endpoint: &Endpoint,
@@ -113,9 +126,10 @@ pub(crate) fn bind(
         }
     }
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(bind_err)?;
+    // SOCKET_MODE, 0600 (`mode_t` is u32 on Linux, u16 on macOS).
     nix::sys::stat::fchmod(
         &socket,
-        nix::sys::stat::Mode::from_bits_truncate(SOCKET_MODE),
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
     )
     .map_err(|e| bind_err(e.into()))?;
     socket

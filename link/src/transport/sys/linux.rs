@@ -1,0 +1,51 @@
+//! Linux hosts and guests: unix sockets, AF_VSOCK (tokio-vsock); no Hyper-V sockets.
+
+use std::io;
+
+use tokio_vsock::{VMADDR_CID_ANY, VsockAddr};
+
+use super::endpoint::{Endpoint, VsockCid};
+use super::hvsock::Guid;
+
+pub(crate) use super::unix::{
+    SocketFile, accept as unix_accept, bind as unix_bind, connect as unix_connect,
+};
+pub(crate) use tokio::net::{UnixListener, UnixStream};
+
+/// A stream to or from the VM's socket family: AF_VSOCK here.
+pub(crate) type VmStream = tokio_vsock::VsockStream;
+/// A listener of the VM's socket family: AF_VSOCK here.
+pub(crate) type VmListener = tokio_vsock::VsockListener;
+
+/// Why `endpoint` cannot be used on this host at all, if it cannot.
+pub(crate) fn unsupported(endpoint: &Endpoint) -> Option<&'static str> {
+    match endpoint {
+        Endpoint::Hvsock { .. } => Some(
+            "hvsock:// needs Hyper-V sockets (AF_HYPERV), which only Windows hosts have; \
+             on Linux use vsock://CID:PORT or hybrid-vsock:///PATH?port=PORT",
+        ),
+        _ => None,
+    }
+}
+
+pub(crate) async fn vsock_connect(cid: u32, port: u32) -> io::Result<VmStream> {
+    VmStream::connect(VsockAddr::new(cid, port)).await
+}
+
+pub(crate) fn vsock_bind(cid: VsockCid, port: u32) -> io::Result<VmListener> {
+    let cid = match cid {
+        VsockCid::Any => VMADDR_CID_ANY,
+        VsockCid::Id(cid) => cid,
+    };
+    VmListener::bind(VsockAddr::new(cid, port))
+}
+
+/// Accepts one vsock connection: the stream and the peer's CID and port.
+pub(crate) async fn vm_accept(listener: &VmListener) -> io::Result<(VmStream, u32, u32)> {
+    let (s, addr) = listener.accept().await?;
+    Ok((s, addr.cid(), addr.port()))
+}
+
+pub(crate) async fn hvsock_connect(_vm: &Guid, _port: u32) -> io::Result<VmStream> {
+    Err(io::ErrorKind::Unsupported.into())
+}
