@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use hostnet_link::transport::{Auth, Endpoint, TlsIdentity};
 use tokio_util::sync::CancellationToken;
 
+use crate::signal::StopSignals;
 use crate::status::{self, ControlSocket};
 use crate::{Config, DEFAULT_MAX_STREAMS, DEFAULT_MAX_UDP_FLOWS, Forwarder, sandbox};
 
@@ -32,6 +33,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Run a command in a new network namespace with an agent inside, mirrored like a VM.
     Sandbox(SandboxArgs),
+    /// Run as a background service: install, uninstall (Windows service manager); see the
+    /// README for the systemd user unit and the launchd agent.
+    Service(crate::service::ServiceArgs),
     /// Generate this side's QUIC key and certificate in DIR (give DIR/cert.der to the agent).
     Keygen {
         /// The directory (created 0700; an existing key is never overwritten).
@@ -78,6 +82,9 @@ pub struct CommonArgs {
     /// Log format (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Append the log to FILE instead of standard error (services without a console).
+    #[arg(long, value_name = "FILE", env = "HOSTNET_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
 }
 
 fn positive(s: &str) -> Result<usize, String> {
@@ -92,7 +99,8 @@ fn positive(s: &str) -> Result<usize, String> {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The agent's endpoint: vsock://CID:PORT, hybrid-vsock:///PATH?port=P, unix:///PATH,
-    /// tcp://HOST:PORT, quic://HOST:PORT.
+    /// tcp://HOST:PORT, quic://HOST:PORT, hvsock://VMID:PORT (which of them this host has:
+    /// see the README).
     #[arg(long, value_name = "URI", env = "HOSTNET_GUEST")]
     pub guest: Endpoint,
     /// The shared token for tcp:// (a file).
@@ -151,20 +159,38 @@ impl CommonArgs {
     }
 }
 
-fn init_logs(format: LogFormat) {
+/// Sets up logging: standard error, or `file` (appended) when given.
+pub fn init_logs(format: LogFormat, file: Option<&std::path::Path>) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, ansi) = match file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("log file {}", path.display()))?;
+            (BoxMakeWriter::new(std::sync::Mutex::new(f)), false)
+        }
+        None => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ),
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(writer)
+        .with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => b.try_init(),
         LogFormat::Json => b.json().try_init(),
     };
+    Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The forwarder's runtime.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // One thread: every relay is syscall-bound, and a single event loop saves the cross-thread
     // wake-up that a work-stealing runtime adds to each hop (measured in the bridge benchmark).
     tokio::runtime::Builder::new_current_thread()
@@ -189,10 +215,14 @@ pub fn main() -> ExitCode {
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(a) => {
-            init_logs(a.common.log_format);
-            runtime()?.block_on(run(a))?;
+            init_logs(a.common.log_format, a.common.log_file.as_deref())?;
+            runtime()?.block_on(async {
+                let mut stop = StopSignals::new().context("cannot handle stop signals")?;
+                serve(a, async move { stop.recv().await }).await
+            })?;
             Ok(0)
         }
+        Command::Service(a) => crate::service::dispatch(a),
         Command::Status(a) => {
             let path = a.control.unwrap_or_else(status::default_control_path);
             let report = runtime()?.block_on(status::query(&path)).context(
@@ -206,7 +236,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Sandbox(a) => {
-            init_logs(a.common.log_format);
+            init_logs(a.common.log_format, a.common.log_file.as_deref())?;
             let placeholder: Endpoint = "unix:///nonexistent".parse()?;
             let opts = sandbox::SandboxOptions {
                 agent: a.agent.clone(),
@@ -232,7 +262,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-async fn run(a: RunArgs) -> anyhow::Result<()> {
+/// Runs the forwarder of `a` until `stop` resolves (to the name of what stopped it).
+pub async fn serve(a: RunArgs, stop: impl Future<Output = &'static str>) -> anyhow::Result<()> {
     let mut auth = Auth::none();
     if let Some(f) = &a.token_file {
         auth = auth.with_token_file(f)?;
@@ -249,21 +280,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(status::default_control_path);
     let control = ControlSocket::bind(&path)?;
-    tracing::info!(path = %control.path().display(), "status on the control socket");
+    tracing::info!(path = %control.path().display(), "status on the control endpoint");
     tokio::spawn(control.serve(fwd.status_fn(), shutdown.clone()));
     let runner = {
         let fwd = fwd.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move { fwd.run(shutdown).await })
     };
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = sigint.recv() => {}
-        _ = sigterm.recv() => {}
-    }
-    tracing::info!("shutting down");
+    let why = stop.await;
+    tracing::info!(signal = why, "shutting down");
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), runner).await;
     Ok(())

@@ -12,12 +12,26 @@
 //!   table (idle timeout, LRU eviction, counters).
 //! * [`relay`]: one TCP connection over one link stream (half-close, reset, byte counters).
 //! * [`session`]: the control conversation with the agent, heartbeats, reconnection.
-//! * [`reverse`]: the [`reverse::HostListeners`] seam (Linux only so far) and dial-back.
-//! * [`status`]: the status document, its table, the control socket.
+//! * [`reverse`]: the [`reverse::HostListeners`] seam and dial-back.
+//! * [`host`]: this host's listeners, one enumerator per OS (sock_diag, `pcblist_n`, IP Helper).
+//! * [`status`]: the status document, its table, the control endpoint (a unix socket, or a named
+//!   pipe on Windows).
+//! * [`signal`]: the OS's stop requests (signals, console events).
 //! * [`sandbox`]: `hostnet-forwarder sandbox`: a command in a new network namespace with an
-//!   agent inside.
+//!   agent inside (Linux).
+//! * [`service`]: running as a background service (systemd, launchd, the Windows service
+//!   manager).
 //! * [`ctx`]: what every task shares: the connector, the limits, the counters.
 //! * [`cli`]: the command line (the binary is `cli::main`).
+//!
+//! # Host systems
+//!
+//! The forwarder runs on Linux, macOS and Windows. What differs per host sits behind one module
+//! per OS, chosen where the module is declared: the host listener enumerator ([`host`]), the
+//! control endpoint ([`status`]), the stop signals ([`signal`]), the sandbox ([`sandbox`], Linux
+//! only) and the service integration ([`service`]); the link transports each host has come from
+//! `hostnet_link::transport`. The data path (listeners, relays, the session) is the same code on
+//! every host.
 //!
 //! # Use as a library
 //!
@@ -33,13 +47,16 @@
 
 pub mod cli;
 pub mod ctx;
+pub mod host;
 pub mod listen;
 pub mod mirror;
 pub mod policy;
 pub mod relay;
 pub mod reverse;
 pub mod sandbox;
+pub mod service;
 pub mod session;
+pub mod signal;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -103,11 +120,11 @@ pub enum SetupError {
     /// The endpoint or its credentials are not usable.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The host's listener discovery could not start.
+    /// The host's listener enumeration could not start.
     #[error(
-        "reverse direction: cannot watch this host's listeners (use --no-reverse to run without it)"
+        "reverse direction: cannot list this host's listeners (use --no-reverse to run without it)"
     )]
-    Discovery(#[from] hostnet_link::discovery::Error),
+    HostListeners(#[source] host::StartError),
 }
 
 /// State shared by the session and the status server.
@@ -319,11 +336,11 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder for `config`, with the Linux host listener discovery if `config.reverse`.
-    /// Call inside a tokio runtime.
+    /// A forwarder for `config`, with this host's listener enumeration ([`host::start`]) if
+    /// `config.reverse`. Call inside a tokio runtime.
     pub fn new(config: Config, auth: Auth) -> Result<Self, SetupError> {
         let host: Option<Arc<dyn HostListeners>> = if config.reverse {
-            Some(reverse::LinuxHostListeners::start(Default::default())?)
+            Some(host::start().map_err(SetupError::HostListeners)?)
         } else {
             None
         };

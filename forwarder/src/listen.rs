@@ -35,19 +35,24 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Datagrams queued towards one flow while its stream opens or is busy.
 const FLOW_QUEUE: usize = 256;
 
-/// Binds a TCP listener: `SO_REUSEADDR`, IPv6 v6-only.
+/// Whether listeners set `SO_REUSEADDR`: on unix it lets a listener bind over connections in
+/// TIME_WAIT; on Windows it would let this socket share a port another program listens on (and
+/// take its connections), so there it stays off, as std does. (socket2 makes every socket
+/// close-on-exec / not inheritable.)
+const REUSE_ADDRESS: bool = cfg!(unix);
+
+/// Binds a TCP listener: `SO_REUSEADDR` on unix, IPv6 v6-only.
 pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = Socket::new(
         Domain::for_address(addr),
         Type::STREAM,
         Some(SockProto::TCP),
     )?;
-    s.set_reuse_address(true)?;
+    s.set_reuse_address(REUSE_ADDRESS)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
     s.set_nonblocking(true)?;
-    s.set_cloexec(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
     TcpListener::from_std(s.into())
@@ -61,7 +66,6 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
         s.set_only_v6(true)?;
     }
     s.set_nonblocking(true)?;
-    s.set_cloexec(true)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }

@@ -54,17 +54,16 @@ impl BindState {
         }
     }
 
-    /// Classifies a bind error.
+    /// Classifies a bind error (by kind, so that the OS's error numbers do not matter).
     pub fn from_bind_error(e: &std::io::Error, port: u16) -> Self {
-        match e.raw_os_error() {
-            Some(libc::EADDRINUSE) => BindState::Conflict("address in use".into()),
-            Some(libc::EACCES) | Some(libc::EPERM) if port < 1024 => {
+        use std::io::ErrorKind;
+        match e.kind() {
+            ErrorKind::AddrInUse => BindState::Conflict("address in use".into()),
+            ErrorKind::PermissionDenied if port < 1024 => {
                 BindState::Conflict("permission denied (port < 1024)".into())
             }
-            Some(libc::EACCES) | Some(libc::EPERM) => {
-                BindState::Conflict("permission denied".into())
-            }
-            Some(libc::EADDRNOTAVAIL) => {
+            ErrorKind::PermissionDenied => BindState::Conflict("permission denied".into()),
+            ErrorKind::AddrNotAvailable => {
                 BindState::Retrying("address not available on this host".into())
             }
             _ => BindState::Retrying(e.to_string()),
@@ -320,14 +319,14 @@ mod tests {
 
     #[test]
     fn bind_errors_are_classified() {
-        let e = std::io::Error::from_raw_os_error(libc::EADDRINUSE);
+        let e = std::io::Error::from(std::io::ErrorKind::AddrInUse);
         assert_eq!(BindState::from_bind_error(&e, 80).name(), "conflict");
-        let e = std::io::Error::from_raw_os_error(libc::EACCES);
+        let e = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
         assert_eq!(
             BindState::from_bind_error(&e, 80).reason(),
             Some("permission denied (port < 1024)")
         );
-        let e = std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
+        let e = std::io::Error::from(std::io::ErrorKind::AddrNotAvailable);
         assert_eq!(BindState::from_bind_error(&e, 80).name(), "retrying");
     }
 }

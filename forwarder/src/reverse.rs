@@ -1,12 +1,9 @@
 //! The reverse direction: the host's listeners, reported to the agent, and the dial-back
 //! streams that carry the guest's connections to them.
 //!
-//! [`HostListeners`] is the seam for the host's listener enumeration. Only the Linux one
-//! exists ([`LinuxHostListeners`], netlink sock_diag through `hostnet_link::discovery`); the
-//! macOS (`proc_pidinfo`/`sysctl net.inet.tcp.pcblist_n`) and Windows
-//! (`GetExtendedTcpTable`/`GetExtendedUdpTable`) enumerators are **not done yet**: on those hosts
-//! run with `--no-reverse`. [`StaticHostListeners`] is a fixed, settable set (tests; hosts
-//! without an enumerator).
+//! [`HostListeners`] is the seam for the host's listener enumeration; [`crate::host`] has one
+//! source per host system (sock_diag on Linux, `pcblist_n` on macOS, the IP Helper tables on
+//! Windows). [`StaticHostListeners`] is a fixed, settable set (tests).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -85,54 +82,6 @@ impl HostListeners for StaticHostListeners {
         let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
         all.1 = ports;
         self.publish(&all);
-    }
-}
-
-/// The Linux host's listeners, from a `hostnet_link::discovery::Watcher` (polls every 50 ms;
-/// leaves out this process's own sockets and UDP sockets on ephemeral ports).
-#[derive(Debug)]
-pub struct LinuxHostListeners {
-    handle: Mutex<discovery::WatcherHandle>,
-    tx: watch::Sender<BTreeSet<Listener>>,
-}
-
-impl LinuxHostListeners {
-    /// Starts the watcher (in the caller's network namespace) and a task that follows it. Call
-    /// inside a tokio runtime.
-    pub fn start(options: discovery::Options) -> Result<Arc<Self>, discovery::Error> {
-        let (handle, mut rx) = discovery::Watcher::spawn(options, discovery::DEFAULT_INTERVAL)?;
-        let (tx, _) = watch::channel(BTreeSet::new());
-        let this = Arc::new(LinuxHostListeners {
-            handle: Mutex::new(handle),
-            tx,
-        });
-        let weak = Arc::downgrade(&this);
-        tokio::spawn(async move {
-            let mut set = discovery::ListenerSet::new();
-            while let Some(ev) = rx.recv().await {
-                match ev {
-                    discovery::Event::Snapshot(s) => set = s,
-                    discovery::Event::Changed(d) => set.apply(&d),
-                }
-                let Some(this) = weak.upgrade() else { return };
-                this.tx
-                    .send_replace(set.iter().filter_map(to_proto).collect());
-            }
-        });
-        Ok(this)
-    }
-}
-
-impl HostListeners for LinuxHostListeners {
-    fn subscribe(&self) -> watch::Receiver<BTreeSet<Listener>> {
-        self.tx.subscribe()
-    }
-
-    fn set_excluded_ports(&self, ports: BTreeSet<(Protocol, u16)>) {
-        self.handle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_excluded_ports(ports);
     }
 }
 

@@ -1,21 +1,29 @@
-//! `status`: what the running forwarder mirrors, served as JSON on a unix control socket and
+//! `status`: what the running forwarder mirrors, served as JSON on a control endpoint and
 //! printed as a table.
 //!
-//! The control socket (mode 0600) answers every connection with one JSON document
-//! ([`StatusReport`]) followed by a newline, then closes; the client sends nothing. Default
-//! path ([`default_control_path`]): `$XDG_RUNTIME_DIR/hostnet/forwarder.sock`, else
-//! `/run/hostnet/forwarder.sock` as root, else `/tmp/hostnet-forwarder-$UID.sock`.
+//! The control endpoint answers every connection with one JSON document ([`StatusReport`])
+//! followed by a newline, then closes; the client sends nothing. It is a unix socket (mode 0600)
+//! on Linux and macOS and a named pipe on Windows, one module per OS ([`default_control_path`]
+//! says where).
 
 use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
-use tokio_util::sync::CancellationToken;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::ctx::CountersView;
+
+#[cfg_attr(unix, path = "status/unix.rs")]
+#[cfg_attr(windows, path = "status/windows.rs")]
+mod endpoint;
+
+pub use endpoint::{ControlSocket, default_control_path, query};
+
+/// How long a control connection may take, either side.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Version of the status document.
 pub const STATUS_VERSION: u32 = 1;
@@ -253,19 +261,6 @@ pub fn render_table(r: &StatusReport) -> String {
     out
 }
 
-/// The default control socket path.
-pub fn default_control_path() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("hostnet").join("forwarder.sock");
-    }
-    let uid = nix::unistd::Uid::effective();
-    if uid.is_root() {
-        PathBuf::from("/run/hostnet/forwarder.sock")
-    } else {
-        PathBuf::from(format!("/tmp/hostnet-forwarder-{uid}.sock"))
-    }
-}
-
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -290,111 +285,43 @@ pub enum ControlError {
     },
 }
 
-/// The listening control socket; removes its file when dropped.
-#[derive(Debug)]
-pub struct ControlSocket {
-    listener: UnixListener,
-    path: PathBuf,
+/// Answers one control connection: the document, then close (bounded in time).
+async fn answer<S: AsyncWrite + Unpin>(mut s: S, doc: Vec<u8>) {
+    let _ = tokio::time::timeout(CONTROL_TIMEOUT, async {
+        s.write_all(&doc).await?;
+        s.shutdown().await
+    })
+    .await;
 }
 
-impl ControlSocket {
-    /// Binds `path` (mode 0600), creating its directory (0700) if needed; a stale socket file
-    /// (nobody answers) is replaced, a live one is [`ControlError::InUse`].
-    pub fn bind(path: &Path) -> Result<Self, ControlError> {
-        let io_err = |error| ControlError::Io {
-            path: path.to_owned(),
-            error,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            use std::os::unix::fs::DirBuilderExt;
-            if !dir.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(io_err)?;
-            }
+/// The status document of `report()`, newline-terminated, for one connection.
+fn document(report: &(impl Fn() -> StatusReport + ?Sized)) -> Option<Vec<u8>> {
+    match serde_json::to_vec(&report()) {
+        Ok(mut d) => {
+            d.push(b'\n');
+            Some(d)
         }
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse(path.to_owned()));
-            }
-            std::fs::remove_file(path).map_err(io_err)?;
-        }
-        // Bind with a restrictive umask-free sequence: bind, then chmod before serving.
-        let listener = UnixListener::bind(path).map_err(io_err)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(io_err)?;
-        }
-        Ok(ControlSocket {
-            listener,
-            path: path.to_owned(),
-        })
-    }
-
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Answers each connection with `report()` until `shutdown`.
-    pub async fn serve(
-        self,
-        report: impl Fn() -> StatusReport + Send + Sync + 'static,
-        shutdown: CancellationToken,
-    ) {
-        loop {
-            let conn = tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = self.listener.accept() => r,
-            };
-            match conn {
-                Ok((mut s, _)) => {
-                    let mut doc = match serde_json::to_vec(&report()) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot encode the status");
-                            continue;
-                        }
-                    };
-                    doc.push(b'\n');
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                            s.write_all(&doc).await?;
-                            s.shutdown().await
-                        })
-                        .await;
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode the status");
+            None
         }
     }
 }
 
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Reads the status from a running forwarder's control socket.
-pub async fn query(path: &Path) -> Result<StatusReport, ControlError> {
+/// Reads a status document from a connected control endpoint.
+async fn read_report<S: AsyncRead + Unpin>(
+    mut s: S,
+    path: &Path,
+) -> Result<StatusReport, ControlError> {
     let io_err = |error| ControlError::Io {
         path: path.to_owned(),
         error,
     };
-    let mut s = tokio::time::timeout(std::time::Duration::from_secs(5), UnixStream::connect(path))
-        .await
-        .map_err(|_| io_err(io::ErrorKind::TimedOut.into()))?
-        .map_err(io_err)?;
+    // The document ends with a newline: read up to it (a Windows pipe instance stays open until
+    // the client closes it).
     let mut buf = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+    let mut s = tokio::io::BufReader::new(&mut s);
+    tokio::time::timeout(CONTROL_TIMEOUT, s.read_until(b'\n', &mut buf))
         .await
         .map_err(|_| io_err(io::ErrorKind::TimedOut.into()))?
         .map_err(io_err)?;

@@ -1,5 +1,8 @@
 //! The forwarder against a fake agent (link API over a unix socket): real sockets, bounded
-//! waits, no sleeps for synchronisation.
+//! waits, no sleeps for synchronisation. Unix hosts (the Windows build is tested end to end
+//! under Wine, `tests/tests/wine.rs`).
+
+#![cfg(unix)]
 
 mod common;
 

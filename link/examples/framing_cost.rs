@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use hostnet_link::proto::Framed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -26,8 +25,28 @@ enum Mode {
     Framed,
 }
 
+/// A unix socket pair (what the framed mode runs on); TCP on loopback where there is none.
+#[cfg(unix)]
+fn socket_pair() -> std::io::Result<(impl Io, impl Io)> {
+    tokio::net::UnixStream::pair()
+}
+
+/// A unix socket pair (what the framed mode runs on); TCP on loopback where there is none.
+#[cfg(not(unix))]
+fn socket_pair() -> std::io::Result<(impl Io, impl Io)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let a = std::net::TcpStream::connect(l.local_addr()?)?;
+    let (b, _) = l.accept()?;
+    a.set_nonblocking(true)?;
+    b.set_nonblocking(true)?;
+    Ok((
+        tokio::net::TcpStream::from_std(a)?,
+        tokio::net::TcpStream::from_std(b)?,
+    ))
+}
+
 fn pair(mode: Mode) -> std::io::Result<(Box<dyn Io>, Box<dyn Io>)> {
-    let (a, b) = UnixStream::pair()?;
+    let (a, b) = socket_pair()?;
     Ok(match mode {
         Mode::Raw => (Box::new(a), Box::new(b)),
         Mode::Framed => (Box::new(Framed::new(a)), Box::new(Framed::new(b))),

@@ -3,6 +3,10 @@
 //! Our own sockets are excluded by default, so most tests turn `exclude_own_process` off for the
 //! sockets they open; `child_process_listener_is_reported_and_own_is_not` uses a child process to
 //! prove the exclusion. Nothing here needs root.
+//!
+//! sock_diag is Linux's: on other hosts this file is empty.
+
+#![cfg(target_os = "linux")]
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};

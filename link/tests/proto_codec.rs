@@ -333,7 +333,13 @@ proptest! {
 
 #[tokio::test]
 async fn header_and_status_do_not_swallow_payload_on_a_socket() {
-    let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
+    // A TCP pair on loopback: a real socket on every host.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a, b) = tokio::join!(
+        tokio::net::TcpStream::connect(l.local_addr().unwrap()),
+        l.accept()
+    );
+    let (mut a, (mut b, _)) = (a.unwrap(), b.unwrap());
     let h = StreamHeader {
         kind: StreamKind::TcpRelay(RelayTarget {
             target: "127.0.0.1:8000".parse().unwrap(),

@@ -10,7 +10,7 @@ use hostnet_link::proto::{
     StreamMode, caps,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
+use tokio::net::{TcpListener, TcpStream};
 
 fn hello(role: Role) -> ControlMessage {
     ControlMessage::Hello(Hello {
@@ -35,7 +35,7 @@ fn tcp(port: u16) -> Listener {
 }
 
 async fn conversation(mode: StreamMode) {
-    let (fwd, agent) = UnixStream::pair().unwrap();
+    let (fwd, agent) = socket_pair().await;
     let timeout = Duration::from_secs(5);
 
     let agent_task = tokio::spawn(async move {
@@ -181,7 +181,7 @@ async fn control_conversation_framed() {
 
 #[tokio::test]
 async fn framed_control_stream_ending_without_end_is_an_io_error_not_a_clean_close() {
-    let (a, b) = UnixStream::pair().unwrap();
+    let (a, b) = socket_pair().await;
     let mut a = PayloadStream::new(a, StreamMode::Framed);
     let mut b = PayloadStream::new(b, StreamMode::Framed);
     proto::write_control(&mut a, &hello(Role::Agent))
@@ -195,4 +195,11 @@ async fn framed_control_stream_ending_without_end_is_an_io_error_not_a_clean_clo
         "{e:?}"
     );
     assert!(e.to_string().contains("control message"), "{e}");
+}
+
+/// Two connected sockets (TCP on loopback: a real socket pair on every host).
+async fn socket_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+    (a.unwrap(), b.unwrap().0)
 }

@@ -1,4 +1,7 @@
 //! Raw and framed payload modes over real unix socket pairs: half-close, reset, bulk data.
+//! Unix hosts (unix socket pairs are what the framed mode exists for).
+
+#![cfg(unix)]
 
 use std::io;
 use std::time::Duration;

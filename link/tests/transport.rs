@@ -1,6 +1,11 @@
 //! Transports over real sockets: unix, tcp, quic, and hybrid vsock against a test peer that
 //! speaks the `CONNECT` protocol. Every byte is checked; every test is bounded in time.
 //! (AF_VSOCK cannot be exercised here: no vsock loopback. The real-VM test covers it.)
+//!
+//! Unix hosts only (the unix-socket tests and their helpers are most of the file); the Windows
+//! build's tcp and QUIC links are tested end to end under Wine (`tests/tests/wine.rs`).
+
+#![cfg(unix)]
 
 use std::future::Future;
 use std::io;

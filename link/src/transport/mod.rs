@@ -1055,6 +1055,22 @@ mod tests {
         assert!(Connector::connect(ep, Auth::none()).is_err());
     }
 
+    #[tokio::test]
+    async fn transports_this_host_lacks_are_refused_by_name() {
+        let hv: Endpoint = "hvsock://11223344-5566-7788-99aa-bbccddeeff00:5000"
+            .parse()
+            .unwrap();
+        // Connect side: refused at once on unix hosts (Windows would try to connect).
+        if cfg!(unix) {
+            let e = Connector::connect(hv.clone(), Auth::none()).unwrap_err();
+            assert!(matches!(e, TransportError::Unsupported { .. }), "{e}");
+            assert!(e.to_string().contains("Windows"), "{e}");
+        }
+        // Listen side: hvsock is connect-only everywhere.
+        let e = Listener::bind(hv, Auth::none()).unwrap_err();
+        assert!(matches!(e, TransportError::Unsupported { .. }), "{e}");
+    }
+
     #[test]
     fn peers_display_for_logs() {
         let p = Peer::Unix {

@@ -337,12 +337,11 @@ mod tests {
         let side = dir.path().join("host");
         let cert = keygen(&side).unwrap();
         assert_eq!(cert, side.join(CERT_FILE));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(side.join(KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        let meta = fs::metadata(side.join(KEY_FILE)).unwrap();
+        assert!(
+            !super::super::private::readable_by_others(&meta),
+            "key mode 0600"
+        );
         let id = TlsIdentity::from_dir(&side, &cert).unwrap();
         assert_eq!(id.fingerprint(), id.peer_fingerprint());
         assert_eq!(id.fingerprint().len(), 64);

@@ -1,21 +1,4 @@
-//! Listener discovery benchmark: how fast a new and a closed listener are reported, and what
-//! watching costs while nothing changes, for the sock_diag watcher and for /proc/net/tcp pollers
-//! at 1 s (pasta's period) and 3 s (Lima's).
-//!
-//! `cargo run --release -p hostnet-link --example discovery_bench [-- --quick]`
-//!
-//! Method
-//! - 1,000 established TCP connections on loopback (2,000 sockets) stay open for the whole run.
-//! - Latency: a TCP listener is bound on 127.0.0.1:0 at a random phase of the poll period, and
-//!   the time until the watcher's event names its inode is taken; then it is closed, again at a
-//!   random phase, and the time until its removal is reported is taken. The sock_diag watcher runs
-//!   200 such cycles one after another. The /proc pollers run 200 cycles too, but 10 (1 s) or 40
-//!   (3 s) listeners at a time, each bound and closed at its own random phase of one period, so
-//!   the run stays short; each listener's latency is independent of the others'.
-//! - The bench binds its listeners itself, so the watcher runs with `exclude_own_process` off.
-//! - Idle CPU: each poller runs alone in a child process for 20 s with nothing changing (the
-//!   1,000 connections present); the child reports its own getrusage (user + system) and the
-//!   figure is scaled to CPU seconds per minute. The sock_diag child uses the default options.
+//! The benchmark itself (Linux: netlink sock_diag and /proc/net); see `main.rs`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream};
@@ -307,7 +290,7 @@ fn per_poll_cost(secs: f64, what: &str, mut f: impl FnMut() -> usize) {
     );
 }
 
-fn main() {
+pub fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("idle-child") {
         idle_child(&args[2], args[3].parse().expect("secs"));
