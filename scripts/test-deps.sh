@@ -5,6 +5,8 @@
 #   dockerd tests (tests/tests/dockerd.rs): docker.io (dockerd, docker-proxy, containerd, runc,
 #     iptables), busybox-static and socat (the test image), tar, nftables (puts iptables back)
 #   real-VM tests (tests/tests/vm.rs): scripts/vm-setup.sh (QEMU, guest kernel, vhost-device-vsock)
+#   the Windows build under Wine (tests/tests/wine.rs), and the macOS builds of .ci/run:
+#     scripts/cross-setup.sh (rust targets, MinGW-w64, wine64, zig and cargo-zigbuild)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -42,4 +44,8 @@ fi
 
 if [[ -f "$root/scripts/vm-setup.sh" ]]; then
     bash "$root/scripts/vm-setup.sh" >&2
+fi
+
+if [[ -f "$root/scripts/cross-setup.sh" ]]; then
+    bash "$root/scripts/cross-setup.sh" >&2
 fi
