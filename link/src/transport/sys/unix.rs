@@ -4,11 +4,13 @@
 
 use std::io;
 
-use super::endpoint::{Endpoint, VsockCid};
+use super::endpoint::Endpoint;
 use super::hvsock::Guid;
 
 #[path = "never.rs"]
 mod never;
+
+pub(crate) use never::{vm_accept, vsock_bind, vsock_connect};
 
 pub(crate) use super::unix::{
     SocketFile, accept as unix_accept, bind as unix_bind, connect as unix_connect,
@@ -34,18 +36,6 @@ pub(crate) fn unsupported(endpoint: &Endpoint) -> Option<&'static str> {
         ),
         _ => None,
     }
-}
-
-pub(crate) async fn vsock_connect(_cid: u32, _port: u32) -> io::Result<VmStream> {
-    Err(io::ErrorKind::Unsupported.into())
-}
-
-pub(crate) fn vsock_bind(_cid: VsockCid, _port: u32) -> io::Result<VmListener> {
-    Err(io::ErrorKind::Unsupported.into())
-}
-
-pub(crate) async fn vm_accept(listener: &VmListener) -> io::Result<(VmStream, u32, u32)> {
-    match *listener {}
 }
 
 pub(crate) async fn hvsock_connect(_vm: &Guid, _port: u32) -> io::Result<VmStream> {

@@ -13,11 +13,13 @@ use std::io;
 
 use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
-use super::endpoint::{Endpoint, VsockCid};
+use super::endpoint::Endpoint;
 use super::hvsock::{AF_HYPERV, Guid, HV_PROTOCOL_RAW, SOCKADDR_HV_LEN, sockaddr_hv};
 
 #[path = "never.rs"]
 mod never;
+
+pub(crate) use never::{vm_accept, vsock_bind, vsock_connect};
 
 /// No unix sockets on this host.
 pub(crate) type UnixStream = never::Never;
@@ -63,18 +65,6 @@ pub(crate) fn unix_bind(
 pub(crate) async fn unix_accept(
     listener: &UnixListener,
 ) -> io::Result<(UnixStream, Option<i32>, Option<u32>)> {
-    match *listener {}
-}
-
-pub(crate) async fn vsock_connect(_cid: u32, _port: u32) -> io::Result<VmStream> {
-    Err(io::ErrorKind::Unsupported.into())
-}
-
-pub(crate) fn vsock_bind(_cid: VsockCid, _port: u32) -> io::Result<VmListener> {
-    Err(io::ErrorKind::Unsupported.into())
-}
-
-pub(crate) async fn vm_accept(listener: &VmListener) -> io::Result<(VmStream, u32, u32)> {
     match *listener {}
 }
 
