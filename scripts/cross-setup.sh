@@ -23,7 +23,7 @@ fi
 
 missing=()
 command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1 || missing+=(gcc-mingw-w64-x86-64)
-command -v wine64 >/dev/null 2>&1 || missing+=(wine64)
+{ command -v wine64 >/dev/null 2>&1 || [[ -x /usr/lib/wine/wine64 ]]; } || missing+=(wine64)
 if ((${#missing[@]})); then
     if [[ "$(id -u)" -ne 0 ]]; then
         log "missing ${missing[*]} (apt-get install them as root)"

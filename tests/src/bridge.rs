@@ -1,5 +1,6 @@
 //! A bridge under test: `hostnet-agent` inside a [`Netns`], `hostnet-forwarder` on the host,
-//! connected over unix, tcp (token) or quic (pinned certificates).
+//! connected over unix, tcp (token) or quic (pinned certificates). The forwarder is the native
+//! binary, or the Windows build under Wine ([`ForwarderBuild::Wine`], see [`crate::wine`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -25,6 +26,20 @@ pub enum Transport {
 /// The port the agent listens on inside the namespace for tcp and quic.
 pub const AGENT_PORT: u16 = 7000;
 
+/// Which build of the forwarder a [`Bridge`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwarderBuild {
+    /// The workspace's binary for this host; `status` on a unix socket.
+    #[default]
+    Native,
+    /// `hostnet-forwarder.exe` under Wine ([`crate::wine`]; hold a [`crate::wine::Session`]
+    /// while the bridge lives); `status` on a named pipe. tcp and quic transports only.
+    Wine,
+}
+
+/// How long one `status` of the Wine forwarder may take (a Windows process start included).
+const WINE_STATUS_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How to start a [`Bridge`].
 #[derive(Debug, Clone)]
 pub struct BridgeBuilder {
@@ -36,9 +51,16 @@ pub struct BridgeBuilder {
     start_forwarder: bool,
     veth: bool,
     expose_veth: bool,
+    forwarder: ForwarderBuild,
 }
 
 impl BridgeBuilder {
+    /// Run this build of the forwarder (default: [`ForwarderBuild::Native`]).
+    pub fn forwarder(mut self, f: ForwarderBuild) -> Self {
+        self.forwarder = f;
+        self
+    }
+
     /// `--expose` the host end of the veth pair (tcp/quic transports, or with [`Self::veth`]).
     pub fn expose_veth(mut self) -> Self {
         self.expose_veth = true;
@@ -156,7 +178,16 @@ impl BridgeBuilder {
                 ];
             }
         }
-        let control = dir.join("control.sock");
+        let control = match self.forwarder {
+            ForwarderBuild::Native => dir.join("control.sock"),
+            ForwarderBuild::Wine => {
+                assert!(
+                    self.transport != Transport::Unix,
+                    "the Windows forwarder has no unix:// transport"
+                );
+                PathBuf::from(crate::wine::pipe_name())
+            }
+        };
         let mut b = Bridge {
             ns,
             transport: self.transport,
@@ -167,6 +198,7 @@ impl BridgeBuilder {
             agent_auth,
             fwd_auth,
             control,
+            forwarder: self.forwarder,
             reverse: self.reverse,
             agent_args: self.agent_args,
             fwd_args,
@@ -217,6 +249,7 @@ pub struct Bridge {
     agent_auth: Vec<String>,
     fwd_auth: Vec<String>,
     control: PathBuf,
+    forwarder: ForwarderBuild,
     reverse: bool,
     agent_args: Vec<String>,
     fwd_args: Vec<String>,
@@ -234,6 +267,7 @@ impl Bridge {
             start_forwarder: true,
             veth: false,
             expose_veth: false,
+            forwarder: ForwarderBuild::Native,
         }
     }
 
@@ -246,8 +280,17 @@ impl Bridge {
         &self.guest_uri
     }
 
+    /// The forwarder's `--control`: a socket path, or a pipe name for the Wine forwarder.
     pub fn control(&self) -> &Path {
         &self.control
+    }
+
+    /// The forwarder binary of this bridge, without arguments.
+    pub fn fwd_command(&self) -> Command {
+        match self.forwarder {
+            ForwarderBuild::Native => Command::new(bin("hostnet-forwarder")),
+            ForwarderBuild::Wine => crate::wine::command(),
+        }
     }
 
     /// Starts (or restarts) the agent and waits until it listens.
@@ -296,7 +339,7 @@ impl Bridge {
             old.kill9();
             self.old_logs.push_str(&old.describe());
         }
-        let mut cmd = Command::new(bin("hostnet-forwarder"));
+        let mut cmd = self.fwd_command();
         cmd.args(["run", "--guest", &self.guest_uri])
             .arg("--control")
             .arg(&self.control)
@@ -306,7 +349,11 @@ impl Bridge {
         }
         cmd.args(&self.fwd_args);
         log_env(&mut cmd);
-        self.fwd = Some(Proc::spawn("hostnet-forwarder", cmd));
+        let name = match self.forwarder {
+            ForwarderBuild::Native => "hostnet-forwarder",
+            ForwarderBuild::Wine => "hostnet-forwarder.exe (wine)",
+        };
+        self.fwd = Some(Proc::spawn(name, cmd));
     }
 
     pub fn agent(&mut self) -> &mut Proc {
@@ -365,45 +412,45 @@ impl Bridge {
         crate::net::time_until(timeout, || udp_bound().contains(&a))
     }
 
+    /// `hostnet-forwarder status --control PATH [--json]` with this bridge's build: exit
+    /// status, stdout, stderr.
+    fn run_status(&self, json: bool) -> Result<(std::process::ExitStatus, String, String), String> {
+        let mut cmd = self.fwd_command();
+        cmd.arg("status").arg("--control").arg(&self.control);
+        if json {
+            cmd.arg("--json");
+        }
+        match self.forwarder {
+            ForwarderBuild::Native => cmd
+                .output()
+                .map(|o| {
+                    (
+                        o.status,
+                        String::from_utf8_lossy(&o.stdout).into_owned(),
+                        String::from_utf8_lossy(&o.stderr).into_owned(),
+                    )
+                })
+                .map_err(|e| format!("run status: {e}")),
+            ForwarderBuild::Wine => crate::wine::output(cmd, WINE_STATUS_TIMEOUT)
+                .map_err(|e| format!("run status under Wine: {e}")),
+        }
+    }
+
     /// `hostnet-forwarder status --control PATH --json`, parsed.
     pub fn status_json(&self) -> Result<Value, String> {
-        let out = Command::new(bin("hostnet-forwarder"))
-            .arg("status")
-            .arg("--control")
-            .arg(&self.control)
-            .arg("--json")
-            .output()
-            .map_err(|e| format!("run status: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "status exited {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
+        let (status, stdout, stderr) = self.run_status(true)?;
+        if !status.success() {
+            return Err(format!("status exited {status}: {stderr}"));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| {
-            format!(
-                "status --json is not JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        serde_json::from_str(&stdout)
+            .map_err(|e| format!("status --json is not JSON ({e}): {stdout}"))
     }
 
     /// `status` without `--json` (the table), for messages.
     pub fn status_text(&self) -> String {
-        Command::new(bin("hostnet-forwarder"))
-            .arg("status")
-            .arg("--control")
-            .arg(&self.control)
-            .output()
-            .map(|o| {
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                )
-            })
-            .unwrap_or_else(|e| e.to_string())
+        self.run_status(false)
+            .map(|(_, out, err)| format!("{out}{err}"))
+            .unwrap_or_else(|e| e)
     }
 
     /// The status entries (JSON objects) that concern `port`.

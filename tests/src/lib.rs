@@ -22,13 +22,18 @@
 //! * [`dockerd`] — [`dockerd::Lab`] and [`dockerd::Dockerd`]: a real dockerd with private roots
 //!   whose userland proxy is hostnet-proxy (or docker-proxy), the host's iptables and sysctls put
 //!   back afterwards.
+//! * [`wine`] — the Windows build of the forwarder (`x86_64-pc-windows-gnu`, built once into
+//!   `target/wine/target`) run by Wine 8 in a prefix under `target/wine/prefix`, with the
+//!   `ProcessPrng` stub DLL Wine 8 lacks (`tests/wine/`); one wineserver per test process.
 //!
 //! Test files (`tests/tests/`): `forward` (the `nc localhost 8000` workflow: policy, 64 MiB both
 //! ways, 500 connections, half-close, resets, refused, discovery timing, status), `udp_reverse`
 //! (UDP both ways, the reverse direction, loops), `faults` (kill -9, SIGSTOP, restarts, conflicts,
 //! stray clients, tokens, UDP expiry), `transports` (tcp and quic), `edges` (v6only, limits,
 //! backpressure, 100 ports), `sandbox`, `harness`, `vm` (the real VM: one boot, the scenario list
-//! in order). The benchmarks are `src/bin/bridge_bench.rs`, run by `bench/bridge.sh`, and
+//! in order), `wine` (the Windows forwarder under Wine against a real agent: forward, reverse,
+//! UDP, half-close, resets, status over the named pipe, agent restart, Ctrl-C, the Windows
+//! service). The benchmarks are `src/bin/bridge_bench.rs`, run by `bench/bridge.sh`, and
 //! `src/bin/vm_bench.rs`, run by `bench/vm.sh`.
 //!
 //! Environment: `HOSTNET_SKIP_PRIVILEGED=1` skips the privileged tests (namespaces, dockerd, the
@@ -37,7 +42,8 @@
 //! points at other binaries than Cargo's. The real-VM test: `HOSTNET_SKIP_VM=1` skips it when its
 //! prerequisites (`scripts/vm-setup.sh`, root) are missing; `HOSTNET_VM_CACHE` is the setup's
 //! cache dir (default `target/hostnet-vm`); `HOSTNET_VM_BIN_DIR` holds prebuilt static guest
-//! binaries (`hostnet-agent`, `vm_guest`) instead of building them.
+//! binaries (`hostnet-agent`, `vm_guest`) instead of building them. `HOSTNET_SKIP_WINE=1` skips the
+//! Wine test when wine64, MinGW-w64 or the Windows target are missing (`scripts/cross-setup.sh`).
 //!
 //! The namespace tests need root. [`privileged`] decides: without root (or when `ip netns` fails)
 //! it panics, unless `HOSTNET_SKIP_PRIVILEGED=1`, in which case it prints a note and the test
@@ -52,6 +58,7 @@ pub mod process;
 pub mod scenario;
 pub mod socat;
 pub mod vm;
+pub mod wine;
 
 use std::thread;
 use std::time::{Duration, Instant};

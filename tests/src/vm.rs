@@ -256,7 +256,7 @@ fn host_target() -> anyhow::Result<String> {
 /// Removes what Cargo sets for the test (or `cargo run`) that runs us, so that the nested build
 /// sees the same environment from `cargo test` and from a shell, and its artifacts stay fresh
 /// between the two. The user's own Cargo settings (`CARGO_HOME`, `CARGO_NET_*`, ...) stay.
-fn scrub_cargo_env(cmd: &mut Command) {
+pub(crate) fn scrub_cargo_env(cmd: &mut Command) {
     const KEEP: &[&str] = &[
         "CARGO_HOME",
         "CARGO_NET_",
@@ -945,7 +945,7 @@ impl Drop for Vm {
 
 /// The child gets SIGKILL if the thread that started it dies (a killed test runner must not
 /// leave a VM behind; Drop covers every other exit).
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2),
     // which is async-signal-safe and touches no memory of the parent.
     unsafe {

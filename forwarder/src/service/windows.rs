@@ -77,7 +77,10 @@ fn parse_run_args(run_args: &[String]) -> anyhow::Result<RunArgs> {
 }
 
 fn install(name: &str, run_args: Vec<String>) -> anyhow::Result<i32> {
-    parse_run_args(&run_args)?;
+    let log = parse_run_args(&run_args)?
+        .common
+        .log_file
+        .unwrap_or_else(default_log_file);
     let exe = std::env::current_exe().context("cannot find this executable's path")?;
     let mut launch: Vec<OsString> = ["service", "run", "--name", name, "--"]
         .iter()
@@ -132,10 +135,7 @@ fn install(name: &str, run_args: Vec<String>) -> anyhow::Result<i32> {
         "installed and started the service {name:?}: {}",
         exe.display()
     );
-    println!(
-        "status: hostnet-forwarder status (log: {})",
-        default_log_file().display()
-    );
+    println!("status: hostnet-forwarder status (log: {})", log.display());
     Ok(0)
 }
 
