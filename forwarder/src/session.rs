@@ -59,7 +59,7 @@ pub async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
     loop {
         let mut established = false;
         let r = session(&inner, &shutdown, &mut established).await;
-        teardown(&inner);
+        teardown(&inner).await;
         if shutdown.is_cancelled() {
             return;
         }
@@ -94,15 +94,25 @@ pub async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
     }
 }
 
-/// Closes everything mirrored for the guest (resetting its connections) and forgets the
-/// reported host set.
-fn teardown(inner: &Inner) {
+/// What every end of a session does, whatever ended it (an error, the agent, a timeout, a
+/// missing Hello, shutdown): closes everything mirrored for the guest (resetting its
+/// connections), forgets the reported host set, and leaves no connection-level state behind, so
+/// that the next attempt starts from a fresh connection.
+///
+/// The last part matters on QUIC: one connection carries every stream, and a peer that vanished
+/// without a word (killed, its VM paused, the path gone) leaves it looking alive to quinn until
+/// its idle timeout; reusing it, `open_bi` succeeds locally and the next session waits for a
+/// Hello that never comes. Closing it here (a CONNECTION_CLOSE the agent sees at once if it is
+/// still there) makes the next attempt a new handshake. The other transports open a fresh
+/// socket (and, on tcp://, run a fresh token handshake) for every stream already.
+async fn teardown(inner: &Inner) {
     inner.mirror().clear();
     inner.set_reported(BTreeSet::new());
     inner.clear_mirror_states();
     if let Some(h) = &inner.host_listeners {
         h.set_excluded_ports(BTreeSet::new());
     }
+    inner.ctx.connector.close_connection().await;
 }
 
 fn hello(reverse: bool) -> ControlMessage {
@@ -137,7 +147,11 @@ async fn session(
         r = inner.ctx.connector.open() => r?,
         () = shutdown.cancelled() => return Ok(()),
     };
-    let mode = StreamMode::for_transport(stream.carries_half_close(), stream.carries_reset());
+    let mode = StreamMode::for_transport(
+        stream.carries_half_close(),
+        stream.carries_reset(),
+        stream.eof_is_deliberate(),
+    );
     proto::write_header(
         &mut stream,
         &StreamHeader {

@@ -873,9 +873,15 @@ async fn resets_propagate_raw_over_tcp_with_a_token() {
     let mut agent = AgentProc::start_on(Some(&uri), &["--token-file", token.to_str().unwrap()]);
     agent.uri = Some(uri.clone());
     agent.token = Some(token.clone());
-    let mode = StreamMode::for_transport(true, true);
-    assert_eq!(mode, StreamMode::Raw);
-    resets_propagate(&agent, mode).await;
+    // The forwarder runs framed on tcp:// (a killed peer's FIN must not pass for an END), but
+    // an opener may choose raw, and the agent follows the header: both carry resets.
+    assert_eq!(
+        StreamMode::for_transport(true, true, false),
+        StreamMode::Framed
+    );
+    for mode in [StreamMode::Raw, StreamMode::Framed] {
+        resets_propagate(&agent, mode).await;
+    }
     // A wrong token gets nothing.
     let bad = token_dir.path().join("bad");
     std::fs::write(&bad, "wrong").unwrap();

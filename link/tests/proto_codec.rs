@@ -779,10 +779,21 @@ fn golden_bytes_match_the_documented_encoding() {
 
 #[test]
 fn mode_follows_what_the_transport_carries() {
-    // tcp, QUIC
-    assert_eq!(StreamMode::for_transport(true, true), StreamMode::Raw);
+    // QUIC: half-close, reset, and an EOF only when the peer ends the direction
+    assert_eq!(StreamMode::for_transport(true, true, true), StreamMode::Raw);
+    // tcp: a killed process's FIN looks like an END
+    assert_eq!(
+        StreamMode::for_transport(true, true, false),
+        StreamMode::Framed
+    );
     // unix, vsock: half-close but no reset
-    assert_eq!(StreamMode::for_transport(true, false), StreamMode::Framed);
+    assert_eq!(
+        StreamMode::for_transport(true, false, false),
+        StreamMode::Framed
+    );
     // hybrid vsock
-    assert_eq!(StreamMode::for_transport(false, false), StreamMode::Framed);
+    assert_eq!(
+        StreamMode::for_transport(false, false, false),
+        StreamMode::Framed
+    );
 }

@@ -444,6 +444,8 @@ async fn tcp_bulk_both_ways() {
         let c = t.connector();
         let (a, b) = pair(&c, &mut t.listener).await;
         assert!(matches!(b.peer(), Peer::Tcp(_)));
+        // A killed process's TCP socket ends with a FIN too: the protocol frames tcp:// streams.
+        assert!(!a.eof_is_deliberate() && !b.eof_is_deliberate());
         let nodelay = a.tcp_nodelay().expect("a tcp stream").unwrap();
         assert!(nodelay, "TCP_NODELAY on");
         assert!(b.tcp_nodelay().expect("a tcp stream").unwrap());
@@ -680,6 +682,8 @@ async fn quic_bulk_both_ways() {
         let (c, mut l) = quic_setup(&k);
         let (a, b) = pair(&c, &mut l).await;
         assert!(matches!(b.peer(), Peer::Quic { .. }), "{}", b.peer());
+        // A QUIC stream's FIN is the application's: raw mode is safe.
+        assert!(a.eof_is_deliberate() && b.eof_is_deliberate());
         bulk_both_ways(a, b).await;
     })
     .await;

@@ -74,11 +74,16 @@ pub enum StreamMode {
 
 impl StreamMode {
     /// The mode for a transport stream, from what it carries (`Stream::carries_half_close`,
-    /// `Stream::carries_reset` in [`crate::transport`]): raw only if the transport carries both
-    /// half-close and reset (tcp, QUIC), framed otherwise (unix, vsock, hybrid vsock), so that
-    /// a reset always arrives as a reset.
-    pub fn for_transport(carries_half_close: bool, carries_reset: bool) -> Self {
-        if carries_half_close && carries_reset {
+    /// `Stream::carries_reset`, `Stream::eof_is_deliberate` in [`crate::transport`]): raw only
+    /// if the transport carries half-close and reset and its EOF can only come from the peer
+    /// ending the direction (QUIC), framed otherwise (tcp, unix, vsock, hybrid vsock), so that a
+    /// reset always arrives as a reset and a peer that died never passes for one that finished.
+    pub fn for_transport(
+        carries_half_close: bool,
+        carries_reset: bool,
+        eof_is_deliberate: bool,
+    ) -> Self {
+        if carries_half_close && carries_reset && eof_is_deliberate {
             StreamMode::Raw
         } else {
             StreamMode::Framed

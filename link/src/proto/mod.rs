@@ -147,17 +147,22 @@
 //!
 //! The opener chooses the mode and writes it in the header; the acceptor uses the mode it reads
 //! (it may refuse a raw stream on a transport it knows cannot half-close, with status `Error`).
-//! The rule ([`StreamMode::for_transport`]) is: **raw where the transport carries both
-//! half-close and reset, framed everywhere else**, because every relay must turn a reset into
-//! a reset:
+//! The rule ([`StreamMode::for_transport`]) is: **raw where the transport carries half-close
+//! and reset and its EOF can only mean that the peer ended the direction, framed everywhere
+//! else**, because every relay must turn a reset into a reset, and a peer that died must never
+//! pass for one that finished (a truncated transfer would look complete):
 //!
-//! | transport | half-close | reset | mode |
-//! |---|---|---|---|
-//! | `tcp://` | yes | yes (RST) | raw |
-//! | `quic://` | yes (FIN) | yes (RESET_STREAM / STOP_SENDING) | raw |
-//! | `unix://` | yes | no: the peer sees EOF (or `ECONNRESET` only if data was left unread) | framed |
-//! | `vsock://` (AF_VSOCK between kernels) | yes | no: a close is a full shutdown, the peer sees EOF | framed |
-//! | `hybrid-vsock://` | no: a host shutdown(write) reaches the guest as a full shutdown, a guest shutdown(write) never reaches the host (measured with vhost-device-vsock) | no | framed |
+//! | transport | half-close | reset | EOF only when the peer ends the direction | mode |
+//! |---|---|---|---|---|
+//! | `tcp://` | yes | yes (RST) | no: a killed process's sockets are closed by the kernel with a FIN when nothing was left unread | framed |
+//! | `quic://` | yes (FIN) | yes (RESET_STREAM / STOP_SENDING) | yes: a stream FIN is sent by the application only; a dead peer is a lost connection | raw |
+//! | `unix://` | yes | no: the peer sees EOF (or `ECONNRESET` only if data was left unread) | no | framed |
+//! | `vsock://` (AF_VSOCK between kernels) | yes | no: a close is a full shutdown, the peer sees EOF | no | framed |
+//! | `hybrid-vsock://` | no: a host shutdown(write) reaches the guest as a full shutdown, a guest shutdown(write) never reaches the host (measured with vhost-device-vsock) | no | no | framed |
+//!
+//! (`tcp://` ran raw until the agent-kill scenario ran over it: a client streaming through a
+//! killed agent saw a clean EOF. In framed mode a stream that ends without END is an error, and
+//! the relay resets.)
 //!
 //! An opener may still choose raw on unix or vsock (e.g. to splice) if it accepts that a reset
 //! then reaches the other side as EOF followed by a failed write; the acceptor follows the

@@ -275,6 +275,14 @@ impl Stream {
         matches!(self.io, Io::Tcp(_) | Io::Quic(_))
     }
 
+    /// Whether an EOF on this stream can only mean that the peer ended the direction: true for
+    /// QUIC (a stream FIN is the application's; a peer that dies leaves a lost connection),
+    /// false for sockets, whose kernel closes a dead process's sockets with a FIN (or EOF) just
+    /// like a deliberate close. Where false, the protocol's framed mode tells the two apart.
+    pub fn eof_is_deliberate(&self) -> bool {
+        matches!(self.io, Io::Quic(_))
+    }
+
     /// Aborts the stream: the peer's next read fails with `ConnectionReset` where the
     /// transport can say so ([`Stream::carries_reset`]). TCP: `SO_LINGER 0` then close (RST).
     /// QUIC: `RESET_STREAM` and `STOP_SENDING` with [`QUIC_RESET_CODE`]. unix, vsock: close.
