@@ -399,10 +399,24 @@ fn tcp_transport_rejects_tokenless_client() {
 /// once the agent runs again.
 #[test]
 fn stopped_agent_hits_heartbeat_timeout_then_recovers() {
-    if !privileged("stopped_agent_hits_heartbeat_timeout_then_recovers") {
+    stopped_agent_recovers(Transport::Unix);
+}
+
+/// A paused VM, as QUIC sees it: the peer is silent but its connection is not closed.
+#[test]
+fn stopped_agent_hits_heartbeat_timeout_then_recovers_over_quic() {
+    stopped_agent_recovers(Transport::Quic);
+}
+
+/// SIGSTOP of the agent (a paused VM): the heartbeat timeout closes the mirrored ports and
+/// resets their connections; after SIGCONT the ports come back.
+fn stopped_agent_recovers(t: Transport) {
+    if !privileged(&format!(
+        "stopped_agent_hits_heartbeat_timeout_then_recovers over {t:?}"
+    )) {
         return;
     }
-    let mut b = Bridge::unix();
+    let mut b = Bridge::builder(t).start();
     let port = free_port();
     let _e = TcpServer::echo(b.ns.tcp_listener(sa(ANY4, port)).unwrap());
     b.expect_tcp(LO4, port);
