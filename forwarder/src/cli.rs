@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use hostnet_link::ports::{PortFilter, PortList};
 use hostnet_link::transport::{Auth, Endpoint, TlsIdentity};
 use tokio_util::sync::CancellationToken;
 
-use crate::signal::StopSignals;
+use crate::rules::{self, ReverseRules};
+use crate::signal::{ReloadSignals, StopSignals};
 use crate::status::{self, ControlSocket};
 use crate::{Config, DEFAULT_MAX_STREAMS, DEFAULT_MAX_UDP_FLOWS, Forwarder, sandbox};
 
@@ -66,6 +68,18 @@ pub struct CommonArgs {
     /// Do not mirror this host's listeners into the guest.
     #[arg(long, env = "HOSTNET_NO_REVERSE")]
     pub no_reverse: bool,
+    /// Mirror into the guest (and dial back) only these host ports: a comma list of ports and
+    /// ranges, `tcp:` or `udp:` for one protocol only (`3000-3999,tcp:5432,udp:53`). Default:
+    /// every host listener on loopback or the wildcard address.
+    #[arg(long, value_name = "PORTS", env = "HOSTNET_REVERSE_ALLOW")]
+    pub reverse_allow: Option<PortList>,
+    /// Never mirror into the guest nor dial back these host ports (wins over --reverse-allow).
+    #[arg(long, value_name = "PORTS", env = "HOSTNET_REVERSE_DENY")]
+    pub reverse_deny: Option<PortList>,
+    /// More reverse rules, `allow PORTS` / `deny PORTS` lines in FILE, read again on SIGHUP
+    /// (unix); a host port must pass these and --reverse-allow / --reverse-deny.
+    #[arg(long, value_name = "FILE", env = "HOSTNET_REVERSE_RULES")]
+    pub reverse_rules: Option<PathBuf>,
     /// The control socket for `status` (default: $XDG_RUNTIME_DIR/hostnet/forwarder.sock,
     /// /run/hostnet/forwarder.sock as root, else /tmp/hostnet-forwarder-$UID.sock).
     #[arg(long, value_name = "PATH", env = "HOSTNET_CONTROL")]
@@ -148,15 +162,79 @@ pub struct SandboxArgs {
 }
 
 impl CommonArgs {
-    fn config(&self, guest: Endpoint) -> Config {
+    /// The forwarder's settings (reads the rules file).
+    pub fn config(&self, guest: Endpoint) -> anyhow::Result<Config> {
+        // Checked here rather than by clap: clap would count `HOSTNET_NO_REVERSE=false` as
+        // present.
+        if self.no_reverse
+            && (self.reverse_allow.is_some()
+                || self.reverse_deny.is_some()
+                || self.reverse_rules.is_some())
+        {
+            anyhow::bail!(
+                "--no-reverse turns the reverse direction off: --reverse-allow, --reverse-deny \
+                 and --reverse-rules (HOSTNET_REVERSE_*) have nothing to filter"
+            );
+        }
         let mut c = Config::new(guest);
         c.expose = self.expose.clone();
         c.reverse = !self.no_reverse;
+        c.reverse_rules = ReverseRules {
+            flags: PortFilter {
+                allow: self.reverse_allow.clone(),
+                deny: self.reverse_deny.clone().unwrap_or_default(),
+            },
+            file: self
+                .reverse_rules
+                .as_deref()
+                .map(rules::read_rules)
+                .transpose()?,
+        };
         c.udp_timeout = Duration::from_secs(self.udp_timeout);
         c.max_udp_flows = self.max_udp_flows;
         c.max_streams = self.max_streams;
-        c
+        Ok(c)
     }
+}
+
+/// With a rules file (`--reverse-rules`), reads it again on each reload request (SIGHUP on
+/// unix; Windows has none, the file is read at start only) until `shutdown`. Without one,
+/// nothing is registered, so SIGHUP keeps its default action (a forwarder in a closed terminal
+/// ends). Call before the forwarder runs: a request that comes before the handler is
+/// registered would end the process.
+pub fn reload_rules_on_request(
+    fwd: &Forwarder,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let rules = fwd.reverse_rules();
+    let Some(file) = rules.file.as_ref() else {
+        return Ok(());
+    };
+    let mut requests = ReloadSignals::new().context("cannot handle reload signals")?;
+    let reload = match ReloadSignals::NAME {
+        Some(name) => format!("{name} reads it again"),
+        None => "read at start only on this host (restart to change it)".to_owned(),
+    };
+    tracing::info!(file = %file.path.display(), rules = %rules.describe(), "reverse rules file read; {reload}");
+    let (fwd, shutdown) = (fwd.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            let why = tokio::select! {
+                w = requests.recv() => w,
+                () = shutdown.cancelled() => return,
+            };
+            match fwd.reload_reverse_rules() {
+                Ok(true) => {
+                    tracing::info!(signal = why, rules = %fwd.reverse_rules().describe(), "reverse rules reloaded")
+                }
+                Ok(false) => tracing::info!(signal = why, "reverse rules reloaded: unchanged"),
+                Err(e) => {
+                    tracing::error!(signal = why, error = %e, "reverse rules not reloaded; the previous rules stay")
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Sets up logging: standard error, or `file` (appended) when given.
@@ -240,7 +318,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let placeholder: Endpoint = "unix:///nonexistent".parse()?;
             let opts = sandbox::SandboxOptions {
                 agent: a.agent.clone(),
-                config: a.common.config(placeholder),
+                config: a.common.config(placeholder)?,
                 control: Some(
                     a.common
                         .control
@@ -271,9 +349,10 @@ pub async fn serve(a: RunArgs, stop: impl Future<Output = &'static str>) -> anyh
     if let (Some(dir), Some(peer)) = (&a.tls_dir, &a.peer_cert) {
         auth = auth.with_tls(TlsIdentity::from_dir(dir, peer)?);
     }
-    let config = a.common.config(a.guest);
+    let config = a.common.config(a.guest)?;
     let fwd = Forwarder::new(config, auth)?;
     let shutdown = CancellationToken::new();
+    reload_rules_on_request(&fwd, &shutdown)?;
     let path = a
         .common
         .control
@@ -376,8 +455,92 @@ mod tests {
                 "nope",
             ],
             &["hostnet-forwarder", "sandbox"],
+            &[
+                "hostnet-forwarder",
+                "run",
+                "--guest",
+                "unix:///a",
+                "--reverse-deny",
+                "0",
+            ],
+            &[
+                "hostnet-forwarder",
+                "run",
+                "--guest",
+                "unix:///a",
+                "--reverse-allow",
+                "sctp:9",
+            ],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn reverse_rules_from_the_command_line() {
+        use hostnet_link::proto::Proto;
+        let c = Cli::try_parse_from([
+            "hostnet-forwarder",
+            "sandbox",
+            "--reverse-allow",
+            "3000-3999,tcp:5432",
+            "--reverse-deny",
+            "udp:53, 3306",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        let Command::Sandbox(s) = c.command else {
+            panic!()
+        };
+        let config = s.common.config("unix:///a".parse().unwrap()).unwrap();
+        let r = &config.reverse_rules;
+        assert!(r.file.is_none());
+        assert!(r.check(Proto::Tcp, 3000).is_ok() && r.check(Proto::Tcp, 5432).is_ok());
+        assert!(r.check(Proto::Udp, 5432).is_err() && r.check(Proto::Tcp, 3306).is_err());
+        assert_eq!(
+            r.describe(),
+            "--reverse-allow 3000-3999,tcp:5432; --reverse-deny udp:53,3306"
+        );
+        // The default: no rules.
+        let c = Cli::try_parse_from(["hostnet-forwarder", "run", "--guest", "unix:///a"]).unwrap();
+        let Command::Run(a) = c.command else { panic!() };
+        assert!(
+            a.common
+                .config(a.guest.clone())
+                .unwrap()
+                .reverse_rules
+                .is_open()
+        );
+        // Rules with --no-reverse contradict it.
+        let c = Cli::try_parse_from([
+            "hostnet-forwarder",
+            "run",
+            "--guest",
+            "unix:///a",
+            "--no-reverse",
+            "--reverse-deny",
+            "22",
+        ])
+        .unwrap();
+        let Command::Run(a) = c.command else { panic!() };
+        let e = a.common.config(a.guest.clone()).unwrap_err();
+        assert!(e.to_string().contains("--no-reverse"), "{e:#}");
+        // A rules file that cannot be read is a startup error naming it.
+        let c = Cli::try_parse_from([
+            "hostnet-forwarder",
+            "run",
+            "--guest",
+            "unix:///a",
+            "--reverse-rules",
+            "/nonexistent/hostnet-rules",
+        ])
+        .unwrap();
+        let Command::Run(a) = c.command else { panic!() };
+        let e = a.common.config(a.guest.clone()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("/nonexistent/hostnet-rules"),
+            "{e:#}"
+        );
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use hostnet_link::transport::Connector;
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
+
+use crate::rules::ReverseRules;
 
 /// Process-wide counters, shown by `status`; each names a limit or failure that bit.
 #[derive(Debug, Default)]
@@ -33,10 +35,14 @@ pub struct Counters {
     pub dial_backs: AtomicU64,
     /// Dial-back requests refused (`Forbidden`, connect failures).
     pub dial_backs_failed: AtomicU64,
+    /// Dial-back requests refused because the reverse rules deny the port (also counted in
+    /// `dial_backs_failed`), and dial-back relays reset because their port became denied.
+    pub dial_backs_denied: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(default)]
 #[allow(missing_docs)]
 pub struct CountersView {
     pub sessions: u64,
@@ -50,6 +56,7 @@ pub struct CountersView {
     pub udp_datagrams_dropped: u64,
     pub dial_backs: u64,
     pub dial_backs_failed: u64,
+    pub dial_backs_denied: u64,
 }
 
 impl Counters {
@@ -68,6 +75,7 @@ impl Counters {
             udp_datagrams_dropped: r(&self.udp_datagrams_dropped),
             dial_backs: r(&self.dial_backs),
             dial_backs_failed: r(&self.dial_backs_failed),
+            dial_backs_denied: r(&self.dial_backs_denied),
         }
     }
 }
@@ -92,4 +100,7 @@ pub struct Ctx {
     pub udp_timeout: Duration,
     /// The counters.
     pub counters: Counters,
+    /// The reverse direction's rules now (they change on a reload): checked when host
+    /// listeners are reported and again at each dial-back.
+    pub reverse_rules: watch::Sender<ReverseRules>,
 }

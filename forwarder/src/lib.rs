@@ -12,7 +12,10 @@
 //!   table (idle timeout, LRU eviction, counters).
 //! * [`relay`]: one TCP connection over one link stream (half-close, reset, byte counters).
 //! * [`session`]: the control conversation with the agent, heartbeats, reconnection.
-//! * [`reverse`]: the [`reverse::HostListeners`] seam and dial-back.
+//! * [`reverse`]: the [`reverse::HostListeners`] seam, the rules filter in front of it, and
+//!   dial-back.
+//! * [`rules`]: which host listeners the reverse direction may mirror and dial
+//!   (`--reverse-allow`, `--reverse-deny`, `--reverse-rules FILE`), pure functions.
 //! * [`host`]: this host's listeners, one enumerator per OS (sock_diag, `pcblist_n`, IP Helper).
 //! * [`status`]: the status document, its table, the control endpoint (a unix socket, or a named
 //!   pipe on Windows).
@@ -53,6 +56,7 @@ pub mod mirror;
 pub mod policy;
 pub mod relay;
 pub mod reverse;
+pub mod rules;
 pub mod sandbox;
 pub mod service;
 pub mod session;
@@ -73,8 +77,9 @@ use tokio_util::sync::CancellationToken;
 use crate::ctx::{Counters, Ctx};
 use crate::mirror::Mirror;
 use crate::relay::Traffic;
-use crate::reverse::HostListeners;
-use crate::status::{Direction, HostAddr, PortRow, SessionStatus, StatusReport};
+use crate::reverse::{FilteredHostListeners, HostListeners};
+use crate::rules::{ReverseRules, RulesFileError};
+use crate::status::{Direction, HostAddr, PortRow, RulesStatus, SessionStatus, StatusReport};
 
 /// Default idle timeout of a UDP flow.
 pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -92,6 +97,8 @@ pub struct Config {
     pub expose: Vec<IpAddr>,
     /// Mirror the host's listeners into the guest and serve dial-backs (unless `--no-reverse`).
     pub reverse: bool,
+    /// Which host listeners the reverse direction may mirror and dial (default: all).
+    pub reverse_rules: ReverseRules,
     /// Idle timeout of a UDP flow.
     pub udp_timeout: Duration,
     /// Limit on UDP flows (beyond it the least recently used flow of the listener is evicted).
@@ -107,6 +114,7 @@ impl Config {
             guest,
             expose: Vec::new(),
             reverse: true,
+            reverse_rules: ReverseRules::default(),
             udp_timeout: DEFAULT_UDP_TIMEOUT,
             max_udp_flows: DEFAULT_MAX_UDP_FLOWS,
             max_streams: DEFAULT_MAX_STREAMS,
@@ -138,7 +146,11 @@ pub struct Inner {
     /// The agent's reverse mirror states, by (protocol, port, VM bind address).
     mirror_states: Mutex<BTreeMap<(u8, u16, IpAddr), MirrorState>>,
     reverse_traffic: Mutex<BTreeMap<(u8, u16), Arc<Traffic>>>,
+    /// The host listener source through the reverse rules (the same object as `filter`).
     host_listeners: Option<Arc<dyn HostListeners>>,
+    filter: Option<Arc<FilteredHostListeners>>,
+    /// Why the last reload of the rules file failed (the rules before it stay).
+    rules_error: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -315,16 +327,49 @@ impl Inner {
             }
             row.host.push(host);
         }
+        // Host listeners the rules hold back: never reported, shown so that nobody wonders
+        // why they are missing in the VM.
+        for (l, reason) in self.filter.iter().flat_map(|f| f.denied()) {
+            let row = reverse_rows
+                .entry((l.proto as u8, l.port))
+                .or_insert_with(|| PortRow {
+                    direction: Direction::HostToGuest,
+                    proto: proto_name(l.proto).to_owned(),
+                    port: l.port,
+                    guest: Vec::new(),
+                    host: Vec::new(),
+                    state: status::DENIED.into(),
+                    reason: None,
+                    connections: 0,
+                    connections_total: 0,
+                    bytes_to_guest: 0,
+                    bytes_from_guest: 0,
+                });
+            row.host.push(HostAddr {
+                addr: SocketAddr::new(l.addr, l.port).to_string(),
+                state: status::DENIED.into(),
+                reason: Some(reason.0),
+            });
+        }
         for r in reverse_rows.values_mut() {
             r.guest.sort();
             r.summarize();
         }
         ports.extend(reverse_rows.into_values());
+        let reverse_rules = self.filter.as_ref().map(|_| {
+            let rules = self.ctx.reverse_rules.borrow();
+            RulesStatus {
+                rules: rules.describe(),
+                file: rules.file.as_ref().map(|f| f.path.display().to_string()),
+                reload_error: lock(&self.rules_error).clone(),
+            }
+        });
         StatusReport {
             version: status::STATUS_VERSION,
             session: lock(&self.session).clone(),
             ports,
             counters: self.ctx.counters.view(),
+            reverse_rules,
         }
     }
 }
@@ -347,13 +392,15 @@ impl Forwarder {
         Self::with_host_listeners(config, auth, host)
     }
 
-    /// A forwarder with the given host listener source (`None`: no reverse direction).
+    /// A forwarder with the given host listener source (`None`: no reverse direction), seen
+    /// through `config.reverse_rules`. Call inside a tokio runtime.
     pub fn with_host_listeners(
         config: Config,
         auth: Auth,
         host_listeners: Option<Arc<dyn HostListeners>>,
     ) -> Result<Self, SetupError> {
         let connector = Connector::connect(config.guest.clone(), auth)?;
+        let (reverse_rules, rules_rx) = tokio::sync::watch::channel(config.reverse_rules.clone());
         let ctx = Arc::new(Ctx {
             connector,
             streams: Arc::new(Semaphore::new(config.max_streams)),
@@ -361,12 +408,17 @@ impl Forwarder {
             max_udp_flows: config.max_udp_flows.max(1),
             udp_timeout: config.udp_timeout,
             counters: Counters::default(),
+            reverse_rules,
         });
         let session = SessionStatus {
             guest: config.guest.to_string(),
             ..Default::default()
         };
         let host_listeners = if config.reverse { host_listeners } else { None };
+        let filter = host_listeners.map(|h| FilteredHostListeners::start(h, rules_rx));
+        if filter.is_some() && !config.reverse_rules.is_open() {
+            tracing::info!(rules = %config.reverse_rules.describe(), "reverse direction: host listeners the rules deny are neither mirrored nor dialed");
+        }
         let ipv6 = policy::host_has_ipv6_loopback();
         if !ipv6 {
             tracing::info!(
@@ -386,7 +438,9 @@ impl Forwarder {
                 reported: Mutex::default(),
                 mirror_states: Mutex::default(),
                 reverse_traffic: Mutex::default(),
-                host_listeners,
+                host_listeners: filter.clone().map(|f| -> Arc<dyn HostListeners> { f }),
+                filter,
+                rules_error: Mutex::default(),
             }),
         })
     }
@@ -400,6 +454,45 @@ impl Forwarder {
     /// What is mirrored now.
     pub fn status(&self) -> StatusReport {
         self.inner.status()
+    }
+
+    /// The reverse direction's rules now.
+    pub fn reverse_rules(&self) -> ReverseRules {
+        self.inner.ctx.reverse_rules.borrow().clone()
+    }
+
+    /// Replaces the reverse direction's rules: host listeners they deny are withdrawn from the
+    /// agent (which closes their mirrors in the VM), later dial-backs to them are refused, and
+    /// running dial-back relays to them are reset. Returns whether anything changed.
+    pub fn set_reverse_rules(&self, rules: ReverseRules) -> bool {
+        let changed = self.inner.ctx.reverse_rules.send_if_modified(|cur| {
+            let changed = *cur != rules;
+            *cur = rules;
+            changed
+        });
+        *lock(&self.inner.rules_error) = None;
+        changed
+    }
+
+    /// Reads the rules file again (`--reverse-rules FILE`; nothing to do without one) and
+    /// applies it with [`Forwarder::set_reverse_rules`]. On an error the rules stay as they
+    /// were and `status` shows the error until a reload succeeds. Returns whether anything
+    /// changed.
+    pub fn reload_reverse_rules(&self) -> Result<bool, RulesFileError> {
+        let mut rules = self.reverse_rules();
+        let Some(path) = rules.file.as_ref().map(|f| f.path.clone()) else {
+            return Ok(false);
+        };
+        match rules::read_rules(&path) {
+            Ok(file) => {
+                rules.file = Some(file);
+                Ok(self.set_reverse_rules(rules))
+            }
+            Err(e) => {
+                *lock(&self.inner.rules_error) = Some(e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// A status function for [`status::ControlSocket::serve`].

@@ -3,12 +3,18 @@
 //!
 //! [`HostListeners`] is the seam for the host's listener enumeration; [`crate::host`] has one
 //! source per host system (sock_diag on Linux, `pcblist_n` on macOS, the IP Helper tables on
-//! Windows). [`StaticHostListeners`] is a fixed, settable set (tests).
+//! Windows). [`StaticHostListeners`] is a fixed, settable set (tests). [`FilteredHostListeners`]
+//! puts the reverse rules ([`crate::rules`]) between a source and the session: what it
+//! publishes is what is reported, and it remembers what it held back for `status`.
+//!
+//! A dial-back is checked against the rules again when it arrives (the rules may have changed
+//! since the port was reported), and a running dial-back relay is reset when its port becomes
+//! denied.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hostnet_link::discovery::{self, Protocol};
@@ -24,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ctx::{Ctx, bump};
 use crate::policy;
 use crate::relay::{self, Counted, OpenGuard, RelayEnd, Traffic};
+use crate::rules::{Denied, ReverseRules};
 
 /// A source of the host's listening sockets (wildcard and loopback ones only), as a set that
 /// changes over time. Implementations must leave out the forwarder's own sockets and the
@@ -85,6 +92,90 @@ impl HostListeners for StaticHostListeners {
     }
 }
 
+/// A [`HostListeners`] source seen through the reverse rules: it publishes the listeners the
+/// rules let through (never an unfiltered set, not even the first one) and recomputes when the
+/// source's set or the rules change; [`FilteredHostListeners::denied`] has the rest.
+#[derive(Debug)]
+pub struct FilteredHostListeners {
+    source: Arc<dyn HostListeners>,
+    shared: Arc<FilterShared>,
+}
+
+#[derive(Debug)]
+struct FilterShared {
+    tx: watch::Sender<BTreeSet<Listener>>,
+    denied: Mutex<BTreeMap<Listener, Denied>>,
+}
+
+impl FilterShared {
+    fn update(&self, set: &BTreeSet<Listener>, rules: &ReverseRules) {
+        let (pass, denied) = rules.split(set);
+        *self.denied.lock().unwrap_or_else(|e| e.into_inner()) = denied;
+        self.tx.send_if_modified(|cur| {
+            let changed = *cur != pass;
+            *cur = pass;
+            changed
+        });
+    }
+}
+
+impl FilteredHostListeners {
+    /// Filters `source` through `rules`. Call inside a tokio runtime (a task follows both; it
+    /// ends when this is dropped and either changes, or when either sender is gone).
+    pub fn start(
+        source: Arc<dyn HostListeners>,
+        mut rules: watch::Receiver<ReverseRules>,
+    ) -> Arc<Self> {
+        let mut src = source.subscribe();
+        let set = src.borrow_and_update().clone();
+        let (pass, denied) = rules.borrow_and_update().split(&set);
+        let (tx, _) = watch::channel(pass);
+        let shared = Arc::new(FilterShared {
+            tx,
+            denied: Mutex::new(denied),
+        });
+        tokio::spawn(follow(Arc::downgrade(&shared), src, rules));
+        Arc::new(FilteredHostListeners { source, shared })
+    }
+
+    /// The host listeners the rules refuse now, each with the rule's reason.
+    pub fn denied(&self) -> BTreeMap<Listener, Denied> {
+        self.shared
+            .denied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+async fn follow(
+    shared: Weak<FilterShared>,
+    mut src: watch::Receiver<BTreeSet<Listener>>,
+    mut rules: watch::Receiver<ReverseRules>,
+) {
+    loop {
+        tokio::select! {
+            r = src.changed() => if r.is_err() { return },
+            r = rules.changed() => if r.is_err() { return },
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let set = src.borrow_and_update().clone();
+        shared.update(&set, &rules.borrow_and_update());
+    }
+}
+
+impl HostListeners for FilteredHostListeners {
+    fn subscribe(&self) -> watch::Receiver<BTreeSet<Listener>> {
+        self.shared.tx.subscribe()
+    }
+
+    fn set_excluded_ports(&self, ports: BTreeSet<(Protocol, u16)>) {
+        self.source.set_excluded_ports(ports);
+    }
+}
+
 /// A discovered host listener as the protocol reports it, if it is wildcard or loopback.
 pub fn to_proto(l: &discovery::Listener) -> Option<Listener> {
     if !policy::reportable(l.addr) {
@@ -137,9 +228,10 @@ enum HostConn {
     Udp(UdpSocket),
 }
 
-/// Serves one `DialBack` request: connects to the host target (if it is a reported loopback
-/// listener, else `Forbidden`), opens the `DialBack(id)` stream with the connect's status,
-/// then relays.
+/// Serves one `DialBack` request: connects to the host target (if the reverse rules allow its
+/// port now and it is a reported loopback listener, else `Forbidden`), opens the `DialBack(id)`
+/// stream with the connect's status, then relays until done, or until the rules deny the port
+/// (then both sides are reset).
 pub async fn serve_dial_back(
     ctx: Arc<Ctx>,
     req: DialBack,
@@ -148,21 +240,32 @@ pub async fn serve_dial_back(
     mode: StreamMode,
     session: CancellationToken,
 ) {
+    let mut rules = ctx.reverse_rules.subscribe();
+    let denied = rules
+        .borrow_and_update()
+        .check(req.proto, req.target.port())
+        .err();
     let permit = ctx.streams.clone().try_acquire_owned().ok();
     let (status, conn) = match (
+        denied,
         &permit,
         policy::dial_back_target(&reported, req.proto, req.target),
     ) {
-        (None, _) => {
+        (Some(reason), _, _) => {
+            bump(&ctx.counters.dial_backs_denied);
+            tracing::warn!(target_addr = %req.target, proto = ?req.proto, %reason, "dial-back to a port the reverse rules deny; forbidden");
+            (RelayStatus::Forbidden, None)
+        }
+        (None, None, _) => {
             bump(&ctx.counters.streams_refused);
             tracing::warn!("stream limit reached; dial-back refused");
             (RelayStatus::error("forwarder stream limit reached"), None)
         }
-        (_, None) => {
+        (None, _, None) => {
             tracing::warn!(target_addr = %req.target, proto = ?req.proto, "dial-back to an address that is not a reported host listener; forbidden");
             (RelayStatus::Forbidden, None)
         }
-        (_, Some(addr)) => match connect_target(req.proto, addr).await {
+        (None, _, Some(addr)) => match connect_target(req.proto, addr).await {
             Ok(c) => (RelayStatus::Ok, Some(c)),
             Err(e) => {
                 tracing::info!(%addr, error = %e, "dial-back connect failed");
@@ -204,6 +307,16 @@ pub async fn serve_dial_back(
     bump(&ctx.counters.dial_backs);
     let _open = OpenGuard::new(traffic.clone());
     let link = PayloadStream::new(s, mode);
+    // Ends the relay (both sides reset) if the rules come to deny this port while it runs.
+    let cut = session.child_token();
+    let _watch = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(cut_when_denied(
+        ctx.clone(),
+        rules,
+        req.proto,
+        req.target.port(),
+        cut.clone(),
+    )));
+    let session = cut;
     match conn {
         HostConn::Tcp(t) => {
             let t = Counted::new(t, traffic);
@@ -219,6 +332,26 @@ pub async fn serve_dial_back(
             }
         }
         HostConn::Udp(u) => udp_dial_back(&ctx, u, link, &traffic, &session).await,
+    }
+}
+
+/// Cancels `cut` once the reverse rules (`rules`, seen when the dial-back was checked) change
+/// to deny `port` of `proto`.
+async fn cut_when_denied(
+    ctx: Arc<Ctx>,
+    mut rules: watch::Receiver<ReverseRules>,
+    proto: Proto,
+    port: u16,
+    cut: CancellationToken,
+) {
+    while rules.changed().await.is_ok() {
+        let verdict = rules.borrow_and_update().check(proto, port);
+        if let Err(reason) = verdict {
+            bump(&ctx.counters.dial_backs_denied);
+            tracing::info!(?proto, port, %reason, "the reverse rules now deny this port; dial-back relay reset");
+            cut.cancel();
+            return;
+        }
     }
 }
 

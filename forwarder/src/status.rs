@@ -28,6 +28,10 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Version of the status document.
 pub const STATUS_VERSION: u32 = 1;
 
+/// The state of a host listener the reverse rules hold back (host→guest rows; the reason names
+/// the rule).
+pub const DENIED: &str = "denied";
+
 /// Direction of a mirrored port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Direction {
@@ -56,9 +60,11 @@ pub struct HostAddr {
     /// `active`, `conflict`, `retrying`, `starting`. For host→guest rows, the state of the
     /// agent's mirror(s) of this host listener in the VM (`active`, `conflict`, `retrying`, as
     /// the agent reports them), or `reported` while the agent has reported none (an agent
-    /// without the `mirror-state` capability never does).
+    /// without the `mirror-state` capability never does), or `denied` for a host listener the
+    /// reverse rules hold back (never reported to the agent).
     pub state: String,
-    /// Why, for `conflict` and `retrying`.
+    /// Why, for `conflict` and `retrying`; for `denied`, the rule (e.g. `--reverse-deny
+    /// tcp:5432`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
 }
@@ -118,6 +124,22 @@ pub struct StatusReport {
     pub ports: Vec<PortRow>,
     /// Counters of limits and failures.
     pub counters: CountersView,
+    /// The reverse direction's rules, when the reverse direction runs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reverse_rules: Option<RulesStatus>,
+}
+
+/// The reverse direction's rules as `status` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesStatus {
+    /// The rules in one line (`all ports` when there are none).
+    pub rules: String,
+    /// The rules file (`--reverse-rules`), if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub file: Option<String>,
+    /// Why the last reload of the rules file failed (the rules before it stay in force).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reload_error: Option<String>,
 }
 
 /// How bad a state is, for a row's summary: conflict > retrying > starting, reported > active.
@@ -245,6 +267,17 @@ pub fn render_table(r: &StatusReport) -> String {
             line(row);
         }
     }
+    if let Some(rules) = &r.reverse_rules {
+        if rules.rules != "all ports" {
+            let _ = writeln!(out, "reverse rules: {}", rules.rules);
+        }
+        if let Some(e) = &rules.reload_error {
+            let _ = writeln!(
+                out,
+                "reverse rules reload failed (previous rules kept): {e}"
+            );
+        }
+    }
     let c = &r.counters;
     let limits = [
         ("streams refused (limit)", c.streams_refused),
@@ -252,6 +285,7 @@ pub fn render_table(r: &StatusReport) -> String {
         ("UDP flows evicted", c.udp_flows_evicted),
         ("datagrams dropped", c.udp_datagrams_dropped),
         ("link open failures", c.link_open_failed),
+        ("dial-backs denied (reverse rules)", c.dial_backs_denied),
     ];
     for (name, v) in limits {
         if v > 0 {
@@ -372,6 +406,7 @@ mod tests {
             },
             ports: vec![row],
             counters: CountersView::default(),
+            reverse_rules: None,
         };
         let t = render_table(&r);
         assert!(t.contains("guest→host"), "{t}");

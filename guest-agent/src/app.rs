@@ -47,7 +47,8 @@ pub enum LogFormat {
 /// `--allow` / `--deny`.
 #[derive(Debug, Clone, Args)]
 pub struct FilterArgs {
-    /// Report and relay only these ports (comma list of ports and ranges: `80,8000-8100`).
+    /// Report and relay only these ports (comma list of ports and ranges, `tcp:` or `udp:` for
+    /// one protocol only: `80,8000-8100,udp:53`).
     #[arg(long, value_name = "PORTS", env = "HOSTNET_ALLOW")]
     pub allow: Option<PortList>,
     /// Never report nor relay these ports (wins over --allow).

@@ -52,7 +52,7 @@ pub fn report<'a>(
     filter: &PortFilter,
 ) -> BTreeSet<proto::Listener> {
     set.into_iter()
-        .filter(|l| reachable(l) && filter.permits(l.port))
+        .filter(|l| reachable(l) && filter.permits(proto_of(l.proto), l.port))
         .map(to_proto)
         .collect()
 }
@@ -88,7 +88,7 @@ pub fn check_target(
     if !(ip.is_unspecified() || ip.is_loopback()) {
         return Err(Forbidden::NotLoopback);
     }
-    if port == 0 || !filter.permits(port) {
+    if port == 0 || !filter.permits(proto, port) {
         return Err(Forbidden::PortPolicy);
     }
     let candidates = || {

@@ -10,12 +10,15 @@
 //! - [`discovery`]: the listener set and its diff (every host); on Linux, the listening sockets
 //!   of this machine through netlink sock_diag, and a watcher that reports additions and
 //!   removals.
+//! - [`ports`]: port lists (`80,8000-8100,tcp:5432,udp:53`) and the allow/deny filter they
+//!   make: the agent's `--allow`/`--deny` and the forwarder's `--reverse-allow`/`--reverse-deny`.
 //!
 //! The crate builds for Linux, macOS and Windows hosts: the protocol, the relay and the unix,
 //! tcp, QUIC and hybrid-vsock transports are portable; sock_diag and AF_VSOCK are Linux-only and
 //! AF_HYPERV Windows-only, each behind `cfg(target_os)` on its code and its dependencies.
 
 pub mod discovery;
+pub mod ports;
 pub mod proto;
 pub mod relay;
 pub mod transport;

@@ -47,6 +47,7 @@ pub struct BridgeBuilder {
     reverse: bool,
     agent_args: Vec<String>,
     fwd_args: Vec<String>,
+    fwd_env: Vec<(String, String)>,
     wrong_token: bool,
     start_forwarder: bool,
     veth: bool,
@@ -87,6 +88,12 @@ impl BridgeBuilder {
 
     pub fn fwd_args<S: Into<String>>(mut self, a: impl IntoIterator<Item = S>) -> Self {
         self.fwd_args.extend(a.into_iter().map(Into::into));
+        self
+    }
+
+    /// An environment variable for the forwarder (e.g. `HOSTNET_REVERSE_DENY`).
+    pub fn fwd_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.fwd_env.push((key.into(), value.into()));
         self
     }
 
@@ -202,6 +209,7 @@ impl BridgeBuilder {
             reverse: self.reverse,
             agent_args: self.agent_args,
             fwd_args,
+            fwd_env: self.fwd_env,
             dir,
             old_logs: String::new(),
         };
@@ -253,6 +261,7 @@ pub struct Bridge {
     reverse: bool,
     agent_args: Vec<String>,
     fwd_args: Vec<String>,
+    fwd_env: Vec<(String, String)>,
     old_logs: String,
 }
 
@@ -263,6 +272,7 @@ impl Bridge {
             reverse: false,
             agent_args: Vec::new(),
             fwd_args: Vec::new(),
+            fwd_env: Vec::new(),
             wrong_token: false,
             start_forwarder: true,
             veth: false,
@@ -348,6 +358,7 @@ impl Bridge {
             cmd.arg("--no-reverse");
         }
         cmd.args(&self.fwd_args);
+        cmd.envs(self.fwd_env.iter().map(|(k, v)| (k, v)));
         log_env(&mut cmd);
         let name = match self.forwarder {
             ForwarderBuild::Native => "hostnet-forwarder",

@@ -28,8 +28,9 @@
 //!
 //! Test files (`tests/tests/`): `forward` (the `nc localhost 8000` workflow: policy, 64 MiB both
 //! ways, 500 connections, half-close, resets, refused, discovery timing, status), `udp_reverse`
-//! (UDP both ways, the reverse direction, loops), `faults` (kill -9, SIGSTOP, restarts, conflicts,
-//! stray clients, tokens, UDP expiry), `transports` (tcp and quic), `edges` (v6only, limits,
+//! (UDP both ways, the reverse direction, loops), `reverse_policy` (the reverse rules: allowed,
+//! denied and default ports, a port denied while mirrored, SIGHUP), `faults` (kill -9, SIGSTOP,
+//! restarts, conflicts, stray clients, tokens, UDP expiry), `transports` (tcp and quic), `edges` (v6only, limits,
 //! backpressure, 100 ports), `sandbox`, `harness`, `vm` (the real VM: one boot, the scenario list
 //! in order), `wine` (the Windows forwarder under Wine against a real agent: forward, reverse,
 //! UDP, half-close, resets, status over the named pipe, agent restart, Ctrl-C, the Windows

@@ -168,6 +168,7 @@ pub(super) async fn run(opts: SandboxOptions) -> anyhow::Result<i32> {
         .context("sandbox socket path")?;
     let fwd = Forwarder::new(config, Auth::none())?;
     let shutdown = CancellationToken::new();
+    crate::cli::reload_rules_on_request(&fwd, &shutdown)?;
     if let Some(path) = &opts.control {
         match ControlSocket::bind(path) {
             Ok(cs) => {
