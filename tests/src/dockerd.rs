@@ -8,11 +8,16 @@
 //! that first and puts it back when dropped (also when a test panics), then checks that
 //! `iptables-save`/`ip6tables-save` print what they printed before.
 //!
+//! [`Lab::launch_via`] runs the daemons through a launcher instead, e.g. inside a network
+//! namespace ([`crate::desktop`], where the host keeps its iptables and sysctls and the same
+//! checks show it); [`Lab::with_bins`] puts more executables in the image.
+//!
 //! Lifetimes: a [`Dockerd`] borrows its [`Lab`], so it is always stopped (by pid) before the lab
 //! restores the host. Stopping removes every container first, unless [`Dockerd::shutdown_live`]
 //! is used (the `--live-restore` case), after which the next daemon of the same lab finds the
 //! containers again.
 
+use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -428,20 +433,49 @@ pub struct Lab {
     dir: TempDir,
     host: Option<HostState>,
     image_tar: PathBuf,
+    /// What runs `dockerd` (empty: it runs directly); see [`Lab::launch_via`].
+    launcher: Vec<OsString>,
+    storage_driver: String,
 }
 
 impl Lab {
     /// Records the host state and builds the image tarball. Call [`available`] first.
     pub fn new(tag: &str) -> Result<Self> {
+        Self::with_bins(tag, &[])
+    }
+
+    /// [`Lab::new`], with the executables `bins` in the image's `/bin` too (with the shared
+    /// libraries they load).
+    pub fn with_bins(tag: &str, bins: &[&Path]) -> Result<Self> {
         let dir = TempDir::new(&format!("dockerd-{tag}"))?;
         let host = HostState::save()?;
         let image_tar = dir.join("image.tar");
-        build_image(&dir.join("rootfs"), &image_tar)?;
+        build_image(&dir.join("rootfs"), &image_tar, bins)?;
         Ok(Self {
             dir,
             host: Some(host),
             image_tar,
+            launcher: Vec::new(),
+            storage_driver: "vfs".into(),
         })
+    }
+
+    /// The daemons of this lab run as `LAUNCHER... dockerd ARGS...` (e.g. `ip netns exec NS
+    /// wrapper`, which must exec dockerd so that the child is the daemon itself) with the storage
+    /// driver `storage_driver` (default: `vfs`, which works on any file system).
+    pub fn launch_via(&mut self, launcher: Vec<OsString>, storage_driver: &str) {
+        self.launcher = launcher;
+        self.storage_driver = storage_driver.into();
+    }
+
+    /// `path`, which does not exist yet, will be made by the daemons outside their roots: it is
+    /// removed (a cgroup tree with `rmdir`) when the host is restored, and must be gone then.
+    pub fn remove_afterwards(&mut self, path: PathBuf) {
+        if let Some(h) = self.host.as_mut()
+            && !path.exists()
+        {
+            h.absent.push(path);
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -464,7 +498,14 @@ impl Lab {
             .create(true)
             .append(true)
             .open(&log)?;
-        let mut cmd = Command::new("dockerd");
+        let mut cmd = match self.launcher.split_first() {
+            None => Command::new("dockerd"),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg("dockerd");
+                c
+            }
+        };
         cmd.arg("--data-root")
             .arg(self.dir.join("data"))
             .arg("--exec-root")
@@ -473,7 +514,8 @@ impl Lab {
             .arg(self.dir.join("dockerd.pid"))
             .arg("-H")
             .arg(format!("unix://{}", sock.display()))
-            .args(["--storage-driver", "vfs", "--bip", BIP, "--iptables=true"]);
+            .args(["--storage-driver", &self.storage_driver])
+            .args(["--bip", BIP, "--iptables=true"]);
         let proxy = match proxy {
             Some(p) => {
                 let p = p
@@ -570,27 +612,21 @@ impl Drop for Lab {
     }
 }
 
-/// Writes the image rootfs (busybox, socat and its libraries, /www/index.html) and tars it.
-fn build_image(root: &Path, tar: &Path) -> Result<()> {
+/// Writes the image rootfs (busybox, socat and `bins` with their libraries, /www/index.html)
+/// and tars it.
+fn build_image(root: &Path, tar: &Path, bins: &[&Path]) -> Result<()> {
     fs::create_dir_all(root.join("bin"))?;
     fs::create_dir_all(root.join("www"))?;
     fs::create_dir_all(root.join("tmp"))?;
     let busybox = which("busybox").context("busybox")?;
     fs::copy(&busybox, root.join("bin/busybox"))?;
-    for applet in ["sh", "sleep", "httpd", "cat"] {
+    for applet in ["sh", "sleep", "httpd", "cat", "wget"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
     let socat = which("socat").context("socat")?;
-    fs::copy(&socat, root.join("bin/socat"))?;
-    let ldd = run_ok(Command::new("ldd").arg(&socat))?;
-    for lib in ldd
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-        .map(Path::new)
-    {
-        let dest = root.join(lib.strip_prefix("/")?);
-        fs::create_dir_all(dest.parent().expect("a library path has a directory"))?;
-        fs::copy(lib, &dest).with_context(|| format!("copy {}", lib.display()))?;
+    copy_with_libs(root, &socat)?;
+    for b in bins {
+        copy_with_libs(root, b)?;
     }
     fs::write(root.join("www/index.html"), INDEX_HTML)?;
     run_ok(
@@ -601,6 +637,40 @@ fn build_image(root: &Path, tar: &Path) -> Result<()> {
             .arg(tar)
             .arg("."),
     )?;
+    Ok(())
+}
+
+/// Copies the executable `exe` into `root/bin` and the shared libraries it loads (as `ldd`
+/// lists them) to their own paths under `root`.
+fn copy_with_libs(root: &Path, exe: &Path) -> Result<()> {
+    let name = exe.file_name().context("an executable has a file name")?;
+    fs::copy(exe, root.join("bin").join(name))
+        .with_context(|| format!("copy {}", exe.display()))?;
+    let out = output(Command::new("ldd").arg(exe))?;
+    let ldd = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        if String::from_utf8_lossy(&out.stderr).contains("not a dynamic executable") {
+            return Ok(());
+        }
+        bail!(
+            "ldd {} failed ({}): {}",
+            exe.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    for lib in ldd
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(Path::new)
+    {
+        let dest = root.join(lib.strip_prefix("/")?);
+        if dest.exists() {
+            continue;
+        }
+        fs::create_dir_all(dest.parent().expect("a library path has a directory"))?;
+        fs::copy(lib, &dest).with_context(|| format!("copy {}", lib.display()))?;
+    }
     Ok(())
 }
 

@@ -22,6 +22,12 @@
 //! * [`dockerd`] — [`dockerd::Lab`] and [`dockerd::Dockerd`]: a real dockerd with private roots
 //!   whose userland proxy is hostnet-proxy (or docker-proxy), the host's iptables and sysctls put
 //!   back afterwards.
+//! * [`desktop`] — [`desktop::DesktopVm`]: Docker Desktop's host networking with Docker itself,
+//!   a real dockerd (hostnet-proxy as its userland proxy) and the agent in the namespace, the
+//!   forwarder on the host (reverse on); the host checked unchanged afterwards. Containers run
+//!   `src/bin/desktop_servers.rs` (TCP echo, sink, UDP echo) from the test image.
+//! * [`measure`] — the benchmarks' servers and clients (bulk, 64 B round trips, connection rate,
+//!   UDP rate), percentiles and table formats.
 //! * [`wine`] — the Windows build of the forwarder (`x86_64-pc-windows-gnu`, built once into
 //!   `target/wine/target`) run by Wine 8 in a prefix under `target/wine/prefix`, with the
 //!   `ProcessPrng` stub DLL Wine 8 lacks (`tests/wine/`); one wineserver per test process.
@@ -34,8 +40,11 @@
 //! backpressure, 100 ports), `sandbox`, `harness`, `vm` (the real VM: one boot, the scenario list
 //! in order), `wine` (the Windows forwarder under Wine against a real agent: forward, reverse,
 //! UDP, half-close, resets, status over the named pipe, agent restart, Ctrl-C, the Windows
-//! service). The benchmarks are `src/bin/bridge_bench.rs`, run by `bench/bridge.sh`, and
-//! `src/bin/vm_bench.rs`, run by `bench/vm.sh`.
+//! service), `desktop` (dockerd in the namespace: `--network host` and `-p` containers reached
+//! from the host, the reverse direction from a container, a dockerd restart, 16 MiB each way).
+//! The benchmarks are `src/bin/bridge_bench.rs`, run by `bench/bridge.sh`,
+//! `src/bin/vm_bench.rs`, run by `bench/vm.sh`, and `src/bin/desktop_bench.rs`, run by
+//! `bench/desktop.sh`.
 //!
 //! Environment: `HOSTNET_SKIP_PRIVILEGED=1` skips the privileged tests (namespaces, dockerd, the
 //! real VM) when they cannot run; `HOSTNET_SKIP_DOCKER=1` only the dockerd tests;
@@ -51,7 +60,9 @@
 //! returns early.
 
 pub mod bridge;
+pub mod desktop;
 pub mod dockerd;
+pub mod measure;
 pub mod net;
 pub mod netns;
 pub mod payload;

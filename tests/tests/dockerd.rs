@@ -6,12 +6,12 @@
 //! The daemons change the host's iptables and forwarding sysctls; [`Lab`] puts them back, and each
 //! test asserts that it did. One daemon at a time: the tests hold [`SERIAL`].
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use hostnet_e2e::desktop::http_get;
 use hostnet_e2e::dockerd::{self, Dockerd, IMAGE, INDEX_HTML, Lab};
 use hostnet_e2e::net::{LO4, LO6, echo_check, free_port, refused, sa, udp_echo_check};
 use hostnet_e2e::payload::payload;
@@ -45,25 +45,6 @@ fn publish(host_port: u16, container: &str) -> [String; 4] {
 }
 
 /// GET / over HTTP/1.0; the body when the status is 200.
-fn http_get(addr: SocketAddr) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .map_err(|e| format!("{addr}: write: {e}"))?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)
-        .map_err(|e| format!("{addr}: read: {e}"))?;
-    let resp = String::from_utf8_lossy(&resp);
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{addr}: no HTTP response: {resp:?}"))?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{addr}: {head}"));
-    }
-    Ok(body.to_string())
-}
-
 /// Polls until `check` succeeds (the container's servers start after `docker run` returns), at
 /// most 30 s; the last error otherwise.
 fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {

@@ -13,8 +13,7 @@
 //! `bench/bridge.sh` (release build). All traffic stays on loopback and the benchmark's own
 //! namespace.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -22,11 +21,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use hostnet_e2e::TempDir;
 use hostnet_e2e::bridge::{Bridge, Transport};
+use hostnet_e2e::measure::{
+    bulk, conn_rate, cpu_secs, echo_nodelay, fmt, median, pct, ratio, rr, sink_handler, udp_rate,
+    wait_until_fast,
+};
 use hostnet_e2e::net::{ANY4, LO4, TcpServer, free_port, refused, sa};
 use hostnet_e2e::netns::Netns;
 use hostnet_e2e::socat::{self, SocatChain};
-use hostnet_e2e::{TempDir, after, wait_until};
 
 #[derive(Debug, Parser)]
 #[command(about = "hostnet bridge benchmark: direct (veth) vs hostnet (unix transport) vs socat")]
@@ -86,172 +89,6 @@ impl Targets {
     }
 }
 
-fn nodelay(s: &TcpStream) {
-    let _ = s.set_nodelay(true);
-}
-
-/// Reads until EOF, then answers the byte count (8 bytes, little endian).
-fn sink_handler(mut s: TcpStream) {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    }
-    let _ = s.write_all(&total.to_le_bytes());
-}
-
-fn echo_nodelay(mut s: TcpStream) {
-    nodelay(&s);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if s.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// CPU seconds (user + system, with reaped children) of the processes `pids`, from /proc.
-fn cpu_secs(pids: &[i32]) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .map(|st| {
-            // Fields after the parenthesised command name: utime, stime, cutime, cstime are
-            // fields 14-17 overall, i.e. 12-15 after it.
-            let rest = st.rsplit_once(')').map_or("", |(_, r)| r);
-            let f: Vec<f64> = rest
-                .split_whitespace()
-                .map(|x| x.parse().unwrap_or(0.0))
-                .collect();
-            f.get(11..15).map_or(0.0, |v| v.iter().sum::<f64>()) / hz
-        })
-        .sum()
-}
-
-/// `streams` connections sending for `secs`; Gbit/s acknowledged by the sink.
-fn bulk(to: SocketAddr, streams: usize, secs: f64) -> Result<f64> {
-    let t0 = Instant::now();
-    let handles: Vec<_> = (0..streams)
-        .map(|_| {
-            thread::spawn(move || -> Result<u64> {
-                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-                s.set_read_timeout(Some(Duration::from_secs(30)))?;
-                let buf = vec![0x5au8; 128 * 1024];
-                let end = Instant::now() + Duration::from_secs_f64(secs);
-                let mut sent = 0u64;
-                while Instant::now() < end {
-                    s.write_all(&buf)?;
-                    sent += buf.len() as u64;
-                }
-                s.shutdown(Shutdown::Write)?;
-                let mut ack = [0u8; 8];
-                s.read_exact(&mut ack)
-                    .context("reading the sink's byte count")?;
-                let got = u64::from_le_bytes(ack);
-                if got != sent {
-                    bail!("sink counted {got} bytes, {sent} sent");
-                }
-                Ok(sent)
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for h in handles {
-        total += h
-            .join()
-            .map_err(|_| anyhow::anyhow!("bulk thread panicked"))??;
-    }
-    Ok(total as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9)
-}
-
-/// 64-byte round trips on one connection; (p50, p99) in µs.
-fn rr(to: SocketAddr, n: usize) -> Result<(f64, f64)> {
-    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-    nodelay(&s);
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let msg = [7u8; 64];
-    let mut back = [0u8; 64];
-    let mut lat = Vec::with_capacity(n);
-    for i in 0..n + 200 {
-        let t = Instant::now();
-        s.write_all(&msg)?;
-        s.read_exact(&mut back)?;
-        if i >= 200 {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    Ok((pct(&mut lat, 50.0), pct(&mut lat, 99.0)))
-}
-
-/// Connections per second: connect, 1 byte each way, close.
-fn conn_rate(to: SocketAddr, n: usize) -> Result<f64> {
-    let t0 = Instant::now();
-    for _ in 0..n {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-        nodelay(&s);
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"x")?;
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b)?;
-    }
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
-}
-
-/// 64-byte datagrams sent as fast as one thread can for `secs`; (delivered/s, sent/s).
-fn udp_rate(to: SocketAddr, counter: &AtomicU64, secs: f64) -> Result<(f64, f64)> {
-    let s = UdpSocket::bind(sa(ANY4, 0))?;
-    let msg = [9u8; 64];
-    // Open the flow first.
-    let start = counter.load(Ordering::Relaxed);
-    if !wait_until(after(Duration::from_secs(3)), || {
-        let _ = s.send_to(&msg, to);
-        thread::sleep(Duration::from_millis(5));
-        counter.load(Ordering::Relaxed) > start
-    }) {
-        bail!("no UDP datagram reached the namespace via {to}");
-    }
-    thread::sleep(Duration::from_millis(50));
-    let before = counter.load(Ordering::Relaxed);
-    let t0 = Instant::now();
-    let end = t0 + Duration::from_secs_f64(secs);
-    let mut sent = 0u64;
-    while Instant::now() < end {
-        for _ in 0..64 {
-            if s.send_to(&msg, to).is_ok() {
-                sent += 1;
-            }
-        }
-    }
-    let el = t0.elapsed().as_secs_f64();
-    thread::sleep(Duration::from_millis(200));
-    let got = counter.load(Ordering::Relaxed) - before;
-    Ok((got as f64 / el, sent as f64 / el))
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    v[i.min(v.len() - 1)]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    pct(&mut v, 50.0)
-}
-
 /// Discovery: bind inside → connectable on the host; close → refused on the host. Milliseconds.
 fn discovery(ns: &Netns, cycles: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut up = Vec::new();
@@ -283,40 +120,10 @@ fn discovery(ns: &Netns, cycles: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     Ok((up, down))
 }
 
-/// Like `wait_until`, polling every millisecond.
-fn wait_until_fast(deadline: Instant, mut cond: impl FnMut() -> bool) -> bool {
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
-}
-
 struct Row {
     name: String,
     unit: &'static str,
     values: [Option<f64>; 3],
-}
-
-fn fmt(v: Option<f64>) -> String {
-    match v {
-        None => "-".into(),
-        Some(x) if x >= 1e5 => format!("{:.0}k", x / 1e3),
-        Some(x) if x >= 100.0 => format!("{x:.0}"),
-        Some(x) if x >= 10.0 => format!("{x:.1}"),
-        Some(x) => format!("{x:.2}"),
-    }
-}
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "-".into(),
-    }
 }
 
 fn main() -> Result<()> {
