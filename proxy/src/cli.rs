@@ -192,7 +192,11 @@ fn init_logging(config: &Config) -> Result<(), String> {
         .log
         .parse()
         .map_err(|e| format!("invalid HOSTNET_PROXY_LOG={:?}: {e}", config.log))?;
-    let builder = tracing_subscriber::fmt().with_target(false);
+    // The fmt builder's own maximum level is INFO unless raised: raise it to TRACE and let
+    // `filter` alone decide (else `HOSTNET_PROXY_LOG=debug` printed nothing below info).
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE)
+        .with_target(false);
     let result = match &config.log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()

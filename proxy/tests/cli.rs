@@ -427,3 +427,31 @@ fn udp_sigterm_exits_0_promptly() {
     let st = st.unwrap_or_else(|| panic!("still running {:?} after SIGTERM: {desc}", t0.elapsed()));
     assert_eq!(st.code(), Some(0), "{desc}");
 }
+
+/// HOSTNET_PROXY_LOG=debug reaches debug lines (a closed connection is logged at debug).
+#[test]
+fn debug_level_is_logged() {
+    let path = std::env::temp_dir().join(format!("hnp-debug-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let be = TcpServer::echo(any_port(LO4));
+    let mut p = Proxy::tcp()
+        .host_free(LO4)
+        .container(be.addr)
+        .env("HOSTNET_PROXY_LOG_FILE", &path)
+        .env("HOSTNET_PROXY_LOG", "debug")
+        .start();
+    let addr = p.addr();
+    assert_echo(&mut p, addr, 11);
+    let logged = wait_until(Instant::now() + Duration::from_secs(5), || {
+        std::fs::read_to_string(&path).is_ok_and(|t| t.contains("connection closed"))
+    });
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    p.signal(Signal::SIGTERM);
+    p.exit_code(Duration::from_secs(2));
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        logged,
+        "no debug line with HOSTNET_PROXY_LOG=debug: {text:?}"
+    );
+    assert!(text.contains("DEBUG"), "{text:?}");
+}
