@@ -82,23 +82,6 @@ fn find_program(name: &str, dirs: &[&str]) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// True when rustc has the standard library for [`TARGET`].
-fn target_installed() -> bool {
-    Command::new("rustc")
-        .args(["--print", "sysroot"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .is_some_and(|o| {
-            let sysroot = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            Path::new(&sysroot)
-                .join("lib/rustlib")
-                .join(TARGET)
-                .join("lib")
-                .is_dir()
-        })
-}
-
 fn find_tools() -> Result<Tools, String> {
     let wine_dirs = ["/usr/lib/wine", "/usr/lib64/wine", "/opt/wine-stable/bin"];
     let wine64 = find_program("wine64", &wine_dirs);
@@ -114,7 +97,7 @@ fn find_tools() -> Result<Tools, String> {
     if gcc.is_none() {
         missing.push("x86_64-w64-mingw32-gcc (Debian: apt-get install gcc-mingw-w64-x86-64)");
     }
-    if !target_installed() {
+    if !crate::vm::target_installed(TARGET) {
         missing.push(
             "the Rust target x86_64-pc-windows-gnu (rustup target add x86_64-pc-windows-gnu)",
         );
