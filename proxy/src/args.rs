@@ -16,7 +16,7 @@ pub enum Proto {
     Tcp,
     /// `-proto udp`
     Udp,
-    /// `-proto sctp`: accepted by the parser, refused at startup (no SCTP here yet).
+    /// `-proto sctp` (one-to-one SCTP sockets; the kernel needs the `sctp` module).
     Sctp,
     /// Anything else; refused at startup with `unsupported protocol X`.
     Other(String),

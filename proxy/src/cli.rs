@@ -24,6 +24,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::args::{self, Command, Proto};
 use crate::config::Config;
 use crate::frontend::{self, Frontend, Transport};
+use crate::sctp::{self, SctpProxy};
 use crate::status::StatusPipe;
 use crate::tcp::{self, TcpProxy};
 use crate::udp::UdpProxy;
@@ -83,13 +84,7 @@ pub fn main() -> i32 {
     let transport = match &args.proto {
         Proto::Tcp => Transport::Tcp,
         Proto::Udp => Transport::Udp,
-        Proto::Sctp => {
-            status.fail(
-                "unsupported protocol sctp: hostnet-proxy has no SCTP support yet \
-                 (this build targets kernels without the sctp module); use docker-proxy for SCTP ports",
-            );
-            return 1;
-        }
+        Proto::Sctp => Transport::Sctp,
         Proto::Other(p) => {
             status.fail(&format!("unsupported protocol {p}"));
             return 1;
@@ -155,6 +150,13 @@ pub fn main() -> i32 {
                 let proxy = Rc::new(TcpProxy { backend, config });
                 Ok(tcp::serve(listener, proxy).await)
             }
+            Frontend::Sctp(s) => {
+                let listener = sctp::Listener::new(s)?;
+                status.ready();
+                info!(front = %front_addr, %backend, "proxying sctp");
+                let proxy = Rc::new(SctpProxy { backend, config });
+                Ok(sctp::serve(listener, proxy).await)
+            }
             Frontend::Udp(u) => {
                 let mut proxy = UdpProxy::new(u, backend, &config)?;
                 status.ready();
@@ -182,6 +184,7 @@ fn transport_name(t: Transport) -> &'static str {
     match t {
         Transport::Tcp => "tcp",
         Transport::Udp => "udp",
+        Transport::Sctp => "sctp",
     }
 }
 

@@ -8,7 +8,8 @@
 //! | `HOSTNET_PROXY_UDP_TIMEOUT` | `90s` | a UDP flow idle this long (no datagram either way) is closed |
 //! | `HOSTNET_PROXY_UDP_MAX_FLOWS` | `4096` | UDP flow cap; the least recently used flow is evicted |
 //! | `HOSTNET_PROXY_UDP_MAX_DATAGRAM` | `65535` | largest datagram received; larger ones are counted and dropped |
-//! | `HOSTNET_PROXY_CONNECT_TIMEOUT` | `30s` | bound on the TCP connect to the container |
+//! | `HOSTNET_PROXY_CONNECT_TIMEOUT` | `30s` | bound on the TCP or SCTP connect to the container |
+//! | `HOSTNET_PROXY_SCTP_MAX_MESSAGE` | `4194304` | largest SCTP message reassembled (bytes); a larger one aborts the association |
 //! | `HOSTNET_PROXY_PROXY_PROTOCOL` | `off` | `v2`: send a PROXY protocol v2 header to the container (TCP) |
 //! | `HOSTNET_PROXY_LOG` | `info` | log filter: `off`, `error`, `warn`, `info`, `debug`, `trace`, or `target=level,...` |
 //! | `HOSTNET_PROXY_LOG_FILE` | (stderr) | append log lines to this file (dockerd discards stderr) |
@@ -29,6 +30,8 @@ pub struct Config {
     pub udp_max_datagram: usize,
     /// Bound on connecting to the container.
     pub connect_timeout: Duration,
+    /// Largest SCTP message the relay reassembles before passing it on whole.
+    pub sctp_max_message: usize,
     /// Send a PROXY protocol v2 header to the container before the client's bytes.
     pub proxy_protocol: bool,
     /// Log filter directives.
@@ -44,6 +47,7 @@ impl Default for Config {
             udp_max_flows: 4096,
             udp_max_datagram: MAX_DATAGRAM,
             connect_timeout: Duration::from_secs(30),
+            sctp_max_message: SCTP_MAX_MESSAGE,
             proxy_protocol: false,
             log: "info".to_owned(),
             log_file: None,
@@ -54,6 +58,12 @@ impl Default for Config {
 /// The largest UDP payload there is (IPv6 without jumbograms carries 65,527; the buffer holds
 /// one byte more than any IPv4 or IPv6 datagram can so that nothing real is ever cut).
 pub const MAX_DATAGRAM: usize = 65_535;
+
+/// Default for `HOSTNET_PROXY_SCTP_MAX_MESSAGE`: 4 MiB, far above what SCTP signalling protocols
+/// send (Diameter, SIGTRAN), held only while such a message is in flight.
+pub const SCTP_MAX_MESSAGE: usize = 4 << 20;
+/// Bounds of `HOSTNET_PROXY_SCTP_MAX_MESSAGE`: at least one receive buffer, at most 1 GiB.
+const SCTP_MAX_MESSAGE_RANGE: std::ops::RangeInclusive<usize> = 65_536..=1 << 30;
 
 /// A variable that is set but unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,6 +114,13 @@ impl Config {
                 .ok()
                 .filter(|n| (1..=MAX_DATAGRAM).contains(n))
                 .ok_or_else(|| err(n, &v, "expected a whole number from 1 to 65535"))?;
+        }
+        if let Some((n, v)) = var("HOSTNET_PROXY_SCTP_MAX_MESSAGE") {
+            c.sctp_max_message = v
+                .parse()
+                .ok()
+                .filter(|n| SCTP_MAX_MESSAGE_RANGE.contains(n))
+                .ok_or_else(|| err(n, &v, "expected a whole number from 65536 to 1073741824"))?;
         }
         if let Some((n, v)) = var("HOSTNET_PROXY_PROXY_PROTOCOL") {
             c.proxy_protocol = match v.as_str() {
@@ -175,8 +192,10 @@ mod tests {
             ("HOSTNET_PROXY_UDP_MAX_FLOWS", "4"),
             ("HOSTNET_PROXY_PROXY_PROTOCOL", "v2"),
             ("HOSTNET_PROXY_UDP_MAX_DATAGRAM", "1000"),
+            ("HOSTNET_PROXY_SCTP_MAX_MESSAGE", "65536"),
         ])
         .unwrap();
+        assert_eq!(c.sctp_max_message, 65_536);
         assert_eq!(c.udp_timeout, Duration::from_secs(1));
         assert_eq!(c.udp_max_flows, 4);
         assert_eq!(c.udp_max_datagram, 1000);
@@ -187,6 +206,8 @@ mod tests {
             ("HOSTNET_PROXY_UDP_MAX_DATAGRAM", "70000"),
             ("HOSTNET_PROXY_CONNECT_TIMEOUT", "x"),
             ("HOSTNET_PROXY_PROXY_PROTOCOL", "v3"),
+            ("HOSTNET_PROXY_SCTP_MAX_MESSAGE", "1000"),
+            ("HOSTNET_PROXY_SCTP_MAX_MESSAGE", "big"),
         ] {
             let e = with(&[bad]).unwrap_err().to_string();
             assert!(e.contains(bad.0), "{e}");

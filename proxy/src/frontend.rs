@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+
+use crate::sctp_sys;
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -15,6 +17,8 @@ pub enum Transport {
     Tcp,
     /// UDP: a bound socket with packet info on.
     Udp,
+    /// SCTP: a listening one-to-one socket (`SOCK_STREAM`, `IPPROTO_SCTP`).
+    Sctp,
 }
 
 impl Transport {
@@ -22,6 +26,15 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp",
             Transport::Udp => "udp",
+            Transport::Sctp => "sctp",
+        }
+    }
+
+    fn socket_type(self) -> (Type, Protocol) {
+        match self {
+            Transport::Tcp => (Type::STREAM, Protocol::TCP),
+            Transport::Udp => (Type::DGRAM, Protocol::UDP),
+            Transport::Sctp => (Type::STREAM, sctp_sys::protocol()),
         }
     }
 }
@@ -33,6 +46,8 @@ pub enum Frontend {
     Tcp(std::net::TcpListener),
     /// A bound UDP socket with IP_PKTINFO / IPV6_RECVPKTINFO on.
     Udp(std::net::UdpSocket),
+    /// A listening one-to-one SCTP socket.
+    Sctp(Socket),
 }
 
 impl Frontend {
@@ -41,6 +56,10 @@ impl Frontend {
         match self {
             Frontend::Tcp(l) => l.local_addr(),
             Frontend::Udp(u) => u.local_addr(),
+            Frontend::Sctp(s) => s
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("not an IP socket")),
         }
     }
 }
@@ -49,8 +68,8 @@ impl Frontend {
 const LISTEN_FD: i32 = 4;
 
 /// Takes the socket dockerd bound and passed as fd 4, and checks that it is what `transport`
-/// needs: the right type and protocol, listening for TCP, IPv4 or IPv6. The address family
-/// comes from the socket itself, not from `-host-ip`.
+/// needs: the right type and protocol, listening for TCP and SCTP, IPv4 or IPv6. The address
+/// family comes from the socket itself, not from `-host-ip`.
 pub fn from_fd4(transport: Transport) -> Result<Frontend, String> {
     // SAFETY: F_GETFD only queries the descriptor table, to learn whether fd 4 exists.
     let borrowed = unsafe { BorrowedFd::borrow_raw(LISTEN_FD) };
@@ -62,6 +81,10 @@ pub fn from_fd4(transport: Transport) -> Result<Frontend, String> {
     let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
     let _ = fcntl(fd.as_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     let sock = Socket::from(fd);
+    if transport == Transport::Sctp {
+        // A kernel without SCTP cannot have made fd 4 an SCTP socket; say that, not "wrong type".
+        sctp_sys::available().map_err(|e| sctp_unavailable(&e))?;
+    }
     check_fd4(&sock, transport).map_err(|e| format!("-use-listen-fd: fd 4 {e}"))?;
     sock.set_nonblocking(true)
         .map_err(|e| format!("-use-listen-fd: fd 4: cannot make it non-blocking: {e}"))?;
@@ -71,7 +94,16 @@ pub fn from_fd4(transport: Transport) -> Result<Frontend, String> {
             set_pktinfo(&sock).map_err(|e| format!("-use-listen-fd: fd 4: {e}"))?;
             Frontend::Udp(sock.into())
         }
+        Transport::Sctp => Frontend::Sctp(sock),
     })
+}
+
+/// The startup error for a kernel that cannot make SCTP sockets.
+fn sctp_unavailable(e: &io::Error) -> String {
+    format!(
+        "SCTP is not available in this kernel: cannot create an SCTP socket: {e} \
+         (the sctp kernel module is missing or not loaded: modprobe sctp)"
+    )
 }
 
 fn check_fd4(sock: &Socket, transport: Transport) -> Result<(), String> {
@@ -85,18 +117,18 @@ fn check_fd4(sock: &Socket, transport: Transport) -> Result<(), String> {
     let protocol = sock
         .protocol()
         .map_err(|e| format!("has no protocol: {e}"))?;
-    let (want_ty, want_proto) = match transport {
-        Transport::Tcp => (Type::STREAM, Protocol::TCP),
-        Transport::Udp => (Type::DGRAM, Protocol::UDP),
-    };
+    let (want_ty, want_proto) = transport.socket_type();
     if ty != want_ty || protocol != Some(want_proto) {
         return Err(format!(
             "is an unexpected socket type for -proto {}: {ty:?}/{protocol:?}",
             transport.name()
         ));
     }
-    if transport == Transport::Tcp && !sock.is_listener().unwrap_or(false) {
-        return Err("is a TCP socket that is not listening".to_owned());
+    if transport != Transport::Udp && !sock.is_listener().unwrap_or(false) {
+        return Err(format!(
+            "is a {} socket that is not listening",
+            transport.name().to_uppercase()
+        ));
     }
     let addr = sock
         .local_addr()
@@ -108,7 +140,8 @@ fn check_fd4(sock: &Socket, transport: Transport) -> Result<(), String> {
 }
 
 /// Binds `ip:port` as docker-proxy does without fd 4: SO_REUSEADDR for TCP, IPV6_V6ONLY for
-/// IPv6, packet info for UDP, and the kernel's maximum backlog.
+/// IPv6, packet info for UDP, 65,535 streams asked for in SCTP's INIT (`SCTP_INITMSG`), and the
+/// kernel's maximum backlog.
 pub fn bind(transport: Transport, ip: IpAddr, port: i64) -> Result<Frontend, String> {
     let fail = |e: &dyn std::fmt::Display| {
         let host = match ip {
@@ -122,20 +155,28 @@ pub fn bind(transport: Transport, ip: IpAddr, port: i64) -> Result<Frontend, Str
     };
     let port = u16::try_from(port).map_err(|_| fail(&"invalid port"))?;
     let addr = SocketAddr::new(ip, port);
-    let (ty, proto) = match transport {
-        Transport::Tcp => (Type::STREAM, Protocol::TCP),
-        Transport::Udp => (Type::DGRAM, Protocol::UDP),
+    let (ty, proto) = transport.socket_type();
+    let sock = match Socket::new(Domain::for_address(addr), ty, Some(proto)) {
+        Ok(s) => s,
+        Err(e) if transport == Transport::Sctp && sctp_sys::is_unavailable(&e) => {
+            return Err(sctp_unavailable(&e));
+        }
+        Err(e) => return Err(fail(&e)),
     };
-    let sock = Socket::new(Domain::for_address(addr), ty, Some(proto)).map_err(|e| fail(&e))?;
     if ip.is_ipv6() {
         sock.set_only_v6(true).map_err(|e| fail(&e))?;
     }
     match transport {
         Transport::Tcp => sock.set_reuse_address(true).map_err(|e| fail(&e))?,
         Transport::Udp => set_pktinfo(&sock).map_err(|e| fail(&e))?,
+        // docker-proxy (ishidawataru/sctp) sets no SO_REUSEADDR on SCTP listeners.
+        Transport::Sctp => {
+            sctp_sys::set_streams(sock.as_fd(), sctp_sys::MAX_STREAMS, sctp_sys::MAX_STREAMS)
+                .map_err(|e| fail(&e))?
+        }
     }
     sock.bind(&addr.into()).map_err(|e| fail(&e))?;
-    if transport == Transport::Tcp {
+    if transport != Transport::Udp {
         // Like listen(fd, -1): the kernel caps the backlog at net.core.somaxconn.
         sock.listen(-1).map_err(|e| fail(&e))?;
     }
@@ -143,6 +184,7 @@ pub fn bind(transport: Transport, ip: IpAddr, port: i64) -> Result<Frontend, Str
     Ok(match transport {
         Transport::Tcp => Frontend::Tcp(sock.into()),
         Transport::Udp => Frontend::Udp(sock.into()),
+        Transport::Sctp => Frontend::Sctp(sock),
     })
 }
 

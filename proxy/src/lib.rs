@@ -5,7 +5,8 @@
 //! argv in Go `flag` grammar, the readiness pipe on fd 3, the bound socket on fd 4 with
 //! `-use-listen-fd`, exit codes 0/1/2, exit 0 at once on SIGINT/SIGTERM — and does the relaying
 //! with less: one thread, a few hundred KiB, two descriptors per idle TCP connection, zero-copy
-//! splice(2) for TCP, batched receive and a bounded flow table for UDP.
+//! splice(2) for TCP, batched receive and a bounded flow table for UDP, and SCTP relayed message
+//! by message with stream ids and PPIDs kept and no message cut in two.
 //!
 //! Module map:
 //! - [`args`]: the command line (Go `flag` grammar).
@@ -16,6 +17,8 @@
 //! - [`relay`]: the TCP byte relay (splice, half-close, reset propagation).
 //! - [`flows`]: the UDP flow table (pure: LRU, idle expiry).
 //! - [`udp`]: the UDP proxy (recvmmsg, PKTINFO replies, epoll over flow sockets).
+//! - [`sctp`]: the SCTP proxy (accept loop, container connect, message relay with reassembly,
+//!   ABORT passed on as ABORT); [`sctp_sys`]: its socket calls (`SCTP_RCVINFO` / `SCTP_SNDINFO`).
 //! - [`cli`]: the process: signals, descriptors, logging, runtime, exit codes.
 
 pub mod args;
@@ -24,6 +27,8 @@ pub mod config;
 pub mod flows;
 pub mod frontend;
 pub mod relay;
+pub mod sctp;
+pub mod sctp_sys;
 pub mod status;
 pub mod tcp;
 pub mod udp;

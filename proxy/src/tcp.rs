@@ -7,7 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ pub struct TcpProxy {
 }
 
 /// Longest pause between accept attempts while descriptors are exhausted.
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Most queued connections reset per exhaustion event.
 const SHED_MAX: usize = 64;
 
@@ -44,16 +44,14 @@ pub async fn serve(listener: TcpListener, proxy: Rc<TcpProxy>) -> io::Error {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                if reserve.0.is_none() {
-                    reserve = Reserve::open();
-                }
+                reserve.refill();
                 let proxy = Rc::clone(&proxy);
                 let span = info_span!("conn", %peer);
                 tokio::task::spawn_local(handle(stream, peer, proxy).instrument(span));
             }
             Err(e) if is_exhaustion(&e) => {
                 exhausted += 1;
-                let shed = reserve.shed(&listener);
+                let shed = reserve.shed(listener.as_fd());
                 if exhausted.is_power_of_two() {
                     warn!(error = %e, exhausted, shed, backoff_ms = backoff.as_millis() as u64,
                         "accept failed for lack of resources; shedding load and retrying");
@@ -67,14 +65,16 @@ pub async fn serve(listener: TcpListener, proxy: Rc<TcpProxy>) -> io::Error {
     }
 }
 
-fn is_exhaustion(e: &io::Error) -> bool {
+/// The accept errors that mean "out of descriptors or memory for now": back off and retry.
+pub(crate) fn is_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
 }
 
-fn is_transient(e: &io::Error) -> bool {
+/// Accept errors that concern one connection only.
+pub(crate) fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(
@@ -96,16 +96,24 @@ fn is_transient(e: &io::Error) -> bool {
 /// A descriptor held back so that, when the process runs out, one can be freed to accept and
 /// reset queued connections rather than leave them waiting.
 #[derive(Debug)]
-struct Reserve(Option<OwnedFd>);
+pub(crate) struct Reserve(Option<OwnedFd>);
 
 impl Reserve {
-    fn open() -> Reserve {
+    pub(crate) fn open() -> Reserve {
         Reserve(std::fs::File::open("/dev/null").ok().map(OwnedFd::from))
     }
 
+    /// Takes the reserve back if an earlier attempt could not.
+    pub(crate) fn refill(&mut self) {
+        if self.0.is_none() {
+            *self = Reserve::open();
+        }
+    }
+
     /// Frees the reserve, accepts and resets up to [`SHED_MAX`] queued connections, and takes
-    /// the reserve back. Returns how many were reset.
-    fn shed(&mut self, listener: &TcpListener) -> usize {
+    /// the reserve back. Returns how many were reset. (On an SCTP listener the reset is an ABORT
+    /// of the association: `SO_LINGER` 0 works the same there.)
+    pub(crate) fn shed(&mut self, listener: BorrowedFd<'_>) -> usize {
         self.0 = None;
         let mut shed = 0;
         while shed < SHED_MAX {

@@ -18,7 +18,8 @@
 //!   chosen transport, with `status --json` helpers.
 //! * [`vm`] — the real path: a QEMU guest (TCG, virtio-vsock through vhost-device-vsock) with the
 //!   static musl agent inside and the forwarder on the host over `hybrid-vsock://`; the guest is
-//!   driven by `src/bin/vm_guest.rs` (command server, echo and bulk servers, a client).
+//!   driven by `src/bin/vm_guest.rs` (command server, echo and bulk servers, a client); the SCTP
+//!   test runs hostnet-proxy and docker-proxy there through `src/bin/sctp_guest.rs`.
 //! * [`dockerd`] — [`dockerd::Lab`] and [`dockerd::Dockerd`]: a real dockerd with private roots
 //!   whose userland proxy is hostnet-proxy (or docker-proxy), the host's iptables and sysctls put
 //!   back afterwards.
@@ -38,22 +39,24 @@
 //! denied and default ports, a port denied while mirrored, SIGHUP), `faults` (kill -9, SIGSTOP,
 //! restarts, conflicts, stray clients, tokens, UDP expiry), `transports` (tcp and quic), `edges` (v6only, limits,
 //! backpressure, 100 ports), `sandbox`, `harness`, `vm` (the real VM: one boot, the scenario list
-//! in order), `wine` (the Windows forwarder under Wine against a real agent: forward, reverse,
-//! UDP, half-close, resets, status over the named pipe, agent restart, Ctrl-C, the Windows
-//! service), `desktop` (dockerd in the namespace: `--network host` and `-p` containers reached
-//! from the host, the reverse direction from a container, a dockerd restart, 16 MiB each way).
+//! in order; and hostnet-proxy's SCTP against docker-proxy's in a guest of its own), `wine` (the
+//! Windows forwarder under Wine against a real agent: forward, reverse, UDP, half-close, resets,
+//! status over the named pipe, agent restart, Ctrl-C, the Windows service), `desktop` (dockerd in
+//! the namespace: `--network host` and `-p` containers reached from the host, the reverse
+//! direction from a container, a dockerd restart, 16 MiB each way).
 //! The benchmarks are `src/bin/bridge_bench.rs`, run by `bench/bridge.sh`,
-//! `src/bin/vm_bench.rs`, run by `bench/vm.sh`, and `src/bin/desktop_bench.rs`, run by
-//! `bench/desktop.sh`.
+//! `src/bin/vm_bench.rs`, run by `bench/vm.sh`, `src/bin/sctp_bench.rs`, run by `bench/sctp.sh`,
+//! and `src/bin/desktop_bench.rs`, run by `bench/desktop.sh`.
 //!
 //! Environment: `HOSTNET_SKIP_PRIVILEGED=1` skips the privileged tests (namespaces, dockerd, the
-//! real VM) when they cannot run; `HOSTNET_SKIP_DOCKER=1` only the dockerd tests;
+//! real VM) when they cannot run; `HOSTNET_SKIP_DOCKER=1` only the dockerd tests (and the
+//! docker-proxy half of the SCTP test);
 //! `HOSTNET_E2E_LOG=debug` sets `RUST_LOG` for the agent and the forwarder; `HOSTNET_BIN_DIR`
 //! points at other binaries than Cargo's. The real-VM test: `HOSTNET_SKIP_VM=1` skips it when its
 //! prerequisites (`scripts/vm-setup.sh`, root) are missing; `HOSTNET_VM_CACHE` is the setup's
 //! cache dir (default `target/hostnet-vm`); `HOSTNET_VM_BIN_DIR` holds prebuilt static guest
-//! binaries (`hostnet-agent`, `vm_guest`) instead of building them. `HOSTNET_SKIP_WINE=1` skips the
-//! Wine test when wine64, MinGW-w64 or the Windows target are missing (`scripts/cross-setup.sh`).
+//! binaries (`hostnet-agent`, `hostnet-proxy`, `vm_guest`, `sctp_guest`) instead of building
+//! them. `HOSTNET_SKIP_WINE=1` skips the Wine test when wine64, MinGW-w64 or the Windows target are missing (`scripts/cross-setup.sh`).
 //!
 //! The namespace tests need root. [`privileged`] decides: without root (or when `ip netns` fails)
 //! it panics, unless `HOSTNET_SKIP_PRIVILEGED=1`, in which case it prints a note and the test

@@ -6,15 +6,16 @@
 //! * [`prerequisites`] reads what `scripts/vm-setup.sh` prepared (`<cache>/env`, overridable
 //!   by environment variables of the same names) and checks it; like [`crate::privileged`] it
 //!   panics when something is missing unless `HOSTNET_SKIP_VM=1`.
-//! * [`guest_binaries`] builds `hostnet-agent` and the guest helper `vm_guest`
-//!   (`src/bin/vm_guest.rs`) as static musl binaries (`$CARGO build --release --target
-//!   x86_64-unknown-linux-musl`, in a target dir of its own so that it never waits for the lock
-//!   of the `cargo test` that runs us).
-//! * [`initramfs`] writes the guest's root: busybox and its applet links, the two binaries, the
-//!   kernel modules for virtio-pci, vsock and sock_diag (dependencies read from each module's
-//!   `.modinfo`, loaded in dependency order) and an `/init` that starts the command server and
-//!   the agent. It is a plain `newc` cpio archive (the kernel takes it uncompressed), built once
-//!   per process.
+//! * [`guest_binaries`] builds `hostnet-agent`, `hostnet-proxy` and the guest helpers `vm_guest`
+//!   (`src/bin/vm_guest.rs`) and `sctp_guest` (`src/bin/sctp_guest.rs`) as static musl binaries
+//!   (`$CARGO build --release --target x86_64-unknown-linux-musl`, in a target dir of its own so
+//!   that it never waits for the lock of the `cargo test` that runs us).
+//! * [`initramfs`] writes the guest's root: busybox and its applet links, those binaries, the
+//!   host's docker-proxy (`/usr/sbin/docker-proxy`, when installed) with the shared libraries
+//!   `ldd` names for it, the kernel modules for virtio-pci, vsock, sock_diag and SCTP
+//!   (dependencies read from each module's `.modinfo`, loaded in dependency order) and an
+//!   `/init` that starts the command server and the agent. It is a plain `newc` cpio archive
+//!   (the kernel takes it uncompressed), built once per process.
 //! * [`Vm::boot`] starts vhost-device-vsock and QEMU as children (killed and reaped by PID on
 //!   drop, also on panic, and by `PR_SET_PDEATHSIG` if the test process dies), waits for the
 //!   guest's command server, and [`Vm::start_forwarder`] runs the forwarder against the agent.
@@ -49,18 +50,23 @@ pub const GUEST_CID: u32 = 3;
 /// How long one boot may take before it counts as failed (TCG on a busy 2-core CI machine; a
 /// boot takes 2.5 s here).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
-/// The guest's RAM.
-const MEM: &str = "256M";
+/// The guest's RAM (MiB), unless a test asks for more ([`Vm::boot_with_memory`]).
+const MEM_MIB: u32 = 256;
 const MUSL: &str = "x86_64-unknown-linux-musl";
 
 /// Kernel modules the guest needs (dependencies are added): virtio over PCI, the vsock
-/// transport, and sock_diag for the agent's listener discovery.
+/// transport, sock_diag for the agent's listener discovery, and SCTP for the proxies' SCTP test
+/// (with udp_tunnel, ip6_udp_tunnel and libcrc32c; crc32c itself is built in).
 const MODULES: &[&str] = &[
     "virtio_pci",
     "vmw_vsock_virtio_transport",
     "tcp_diag",
     "udp_diag",
+    "sctp",
 ];
+
+/// Where the host's docker-proxy is taken from, and put in the guest.
+pub const DOCKER_PROXY: &str = "/usr/sbin/docker-proxy";
 
 /// What `scripts/vm-setup.sh` prepared.
 #[derive(Debug, Clone)]
@@ -159,15 +165,18 @@ pub fn prerequisites(test: &str) -> Option<VmTools> {
     }
 }
 
-/// Static musl builds of the agent and of `vm_guest`.
+/// Static musl builds of the agent, the proxy and the guest helpers.
 #[derive(Debug, Clone)]
 pub struct GuestBinaries {
     pub agent: PathBuf,
     pub guest: PathBuf,
+    pub proxy: PathBuf,
+    pub sctp: PathBuf,
 }
 
-/// Builds (once per process) `hostnet-agent` and `vm_guest` for x86_64-unknown-linux-musl and
-/// checks that they are static. `HOSTNET_VM_BIN_DIR` points at prebuilt ones instead.
+/// Builds (once per process) `hostnet-agent`, `hostnet-proxy`, `vm_guest` and `sctp_guest` for
+/// x86_64-unknown-linux-musl and checks that they are static. `HOSTNET_VM_BIN_DIR` points at
+/// prebuilt ones instead.
 pub fn guest_binaries() -> anyhow::Result<GuestBinaries> {
     static BINS: OnceLock<Result<GuestBinaries, String>> = OnceLock::new();
     BINS.get_or_init(|| build_guest_binaries().map_err(|e| format!("{e:#}")))
@@ -197,8 +206,23 @@ fn build_guest_binaries() -> anyhow::Result<GuestBinaries> {
             .current_dir(workspace_root())
             .args(["build", "--release", "--target", &target, "--target-dir"])
             .arg(&target_dir)
-            .args(["-p", "hostnet-agent", "-p", "hostnet-e2e"])
-            .args(["--bin", "hostnet-agent", "--bin", "vm_guest"])
+            .args([
+                "-p",
+                "hostnet-agent",
+                "-p",
+                "hostnet-e2e",
+                "-p",
+                "hostnet-proxy",
+            ])
+            .args([
+                "--bin",
+                "hostnet-agent",
+                "--bin",
+                "vm_guest",
+                "--bin",
+                "sctp_guest",
+            ])
+            .args(["--bin", "hostnet-proxy"])
             .output()
             .with_context(|| format!("running {cargo:?}"))?;
         if !out.status.success() {
@@ -219,8 +243,10 @@ fn build_guest_binaries() -> anyhow::Result<GuestBinaries> {
     let bins = GuestBinaries {
         agent: dir.join("hostnet-agent"),
         guest: dir.join("vm_guest"),
+        proxy: dir.join("hostnet-proxy"),
+        sctp: dir.join("sctp_guest"),
     };
-    for p in [&bins.agent, &bins.guest] {
+    for p in [&bins.agent, &bins.guest, &bins.proxy, &bins.sctp] {
         check_static(p)?;
     }
     Ok(bins)
@@ -228,6 +254,11 @@ fn build_guest_binaries() -> anyhow::Result<GuestBinaries> {
 
 /// True when rustc has the musl standard library.
 fn musl_installed() -> bool {
+    target_installed(MUSL)
+}
+
+/// True when rustc has the standard library of `target` (rustup installed it).
+pub(crate) fn target_installed(target: &str) -> bool {
     Command::new("rustc")
         .args(["--print", "sysroot"])
         .output()
@@ -237,7 +268,7 @@ fn musl_installed() -> bool {
             let sysroot = String::from_utf8_lossy(&o.stdout).trim().to_string();
             Path::new(&sysroot)
                 .join("lib/rustlib")
-                .join(MUSL)
+                .join(target)
                 .join("lib")
                 .is_dir()
         })
@@ -313,6 +344,7 @@ fn check_static(p: &Path) -> anyhow::Result<()> {
 struct Cpio {
     out: Vec<u8>,
     ino: u32,
+    dirs: HashSet<String>,
 }
 
 impl Cpio {
@@ -320,6 +352,20 @@ impl Cpio {
         Self {
             out: Vec::new(),
             ino: 1,
+            dirs: HashSet::new(),
+        }
+    }
+
+    /// Adds the directories above `name` that are not in the archive yet (the kernel's
+    /// unpacker creates nothing implicitly).
+    fn parents(&mut self, name: &str) {
+        let mut at = 0;
+        while let Some(i) = name[at..].find('/') {
+            let d = &name[..at + i];
+            if !self.dirs.contains(d) {
+                self.dir(d);
+            }
+            at += i + 1;
         }
     }
 
@@ -359,6 +405,7 @@ impl Cpio {
     }
 
     fn dir(&mut self, name: &str) {
+        self.dirs.insert(name.to_string());
         self.entry(name, 0o040755, &[], (0, 0));
     }
 
@@ -499,6 +546,23 @@ pub fn initramfs(tools: &VmTools, bins: &GuestBinaries, path: &Path) -> anyhow::
     }
     c.file("bin/hostnet-agent", 0o755, &std::fs::read(&bins.agent)?);
     c.file("bin/vm_guest", 0o755, &std::fs::read(&bins.guest)?);
+    c.file("bin/hostnet-proxy", 0o755, &std::fs::read(&bins.proxy)?);
+    c.file("bin/sctp_guest", 0o755, &std::fs::read(&bins.sctp)?);
+    if Path::new(DOCKER_PROXY).is_file() {
+        // Debian's docker-proxy is linked against glibc: it goes in with its loader and
+        // libraries, at the paths ldd names (the guest has no libc of its own).
+        for f in std::iter::once(PathBuf::from(DOCKER_PROXY))
+            .chain(shared_libraries(Path::new(DOCKER_PROXY))?)
+        {
+            let name = f.to_string_lossy().trim_start_matches('/').to_string();
+            c.parents(&name);
+            c.file(
+                &name,
+                0o755,
+                &std::fs::read(&f).with_context(|| format!("read {}", f.display()))?,
+            );
+        }
+    }
     let mods = module_order(&tools.modules, MODULES)?;
     for (name, p) in &mods {
         c.file(&format!("lib/modules/{name}.ko"), 0o644, &std::fs::read(p)?);
@@ -507,6 +571,40 @@ pub fn initramfs(tools: &VmTools, bins: &GuestBinaries, path: &Path) -> anyhow::
     c.file("init", 0o755, init_script(&names, &agent_args()).as_bytes());
     std::fs::write(path, c.finish()).with_context(|| format!("write {}", path.display()))?;
     Ok(())
+}
+
+/// The shared libraries and the loader `ldd` names for `bin` (none for a static binary).
+fn shared_libraries(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(bin).output().context("run ldd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("not a dynamic executable") {
+        return Ok(Vec::new());
+    }
+    parse_ldd(&text).with_context(|| format!("ldd {}", bin.display()))
+}
+
+/// The files in `ldd`'s output.
+fn parse_ldd(text: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let mut libs = Vec::new();
+    for l in text.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)", "/lib64/ld-linux-x86-64.so.2
+        // (0x...)", "linux-vdso.so.1 (0x...)" (in the kernel, no file).
+        let l = l.trim();
+        let path = match l.split_once("=>") {
+            Some((name, rest)) => {
+                let rest = rest.trim();
+                if rest.starts_with("not found") {
+                    bail!("{} not found", name.trim());
+                }
+                rest.split(" (").next().unwrap_or("").trim()
+            }
+            None => l.split(" (").next().unwrap_or("").trim(),
+        };
+        if path.starts_with('/') {
+            libs.push(PathBuf::from(path));
+        }
+    }
+    Ok(libs)
 }
 
 /// The initramfs of this process (built once), in the cache dir.
@@ -615,18 +713,25 @@ impl Vm {
     /// hybrid socket (connects to it failed with EAGAIN, a full backlog), which is the backend's
     /// fault, not the guest's or ours; both boots' errors are reported if the second fails too.
     pub fn boot(tools: &VmTools) -> anyhow::Result<Vm> {
-        match Self::boot_once(tools) {
+        Self::boot_with_memory(tools, MEM_MIB)
+    }
+
+    /// [`Vm::boot`] with `mem_mib` MiB of guest RAM (QEMU allocates pages as the guest touches
+    /// them).
+    pub fn boot_with_memory(tools: &VmTools, mem_mib: u32) -> anyhow::Result<Vm> {
+        match Self::boot_once(tools, mem_mib) {
             Ok(vm) => Ok(vm),
             Err(first) => {
                 eprintln!("vm: boot failed; booting once more. The failure: {first:#}");
-                Self::boot_once(tools).map_err(|e| {
+                Self::boot_once(tools, mem_mib).map_err(|e| {
                     e.context(format!("the second boot failed too; the first: {first:#}"))
                 })
             }
         }
     }
 
-    fn boot_once(tools: &VmTools) -> anyhow::Result<Vm> {
+    fn boot_once(tools: &VmTools, mem_mib: u32) -> anyhow::Result<Vm> {
+        let mem = format!("{mem_mib}M");
         let initrd = cached_initramfs(tools)?;
         let dir = TempDir::new("vm")?;
         let vhost = dir.join("vhost.sock");
@@ -659,7 +764,7 @@ impl Vm {
             "-M",
             "pc,memory-backend=mem",
         ])
-        .args(["-m", MEM, "-smp", "1"])
+        .args(["-m", &mem, "-smp", "1"])
         .args([
             "-nographic",
             "-no-reboot",
@@ -668,7 +773,7 @@ impl Vm {
             "stdio",
         ])
         .arg("-object")
-        .arg(format!("memory-backend-memfd,id=mem,size={MEM},share=on"))
+        .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
         .arg("-chardev")
         .arg(format!("socket,id=vvsock,path={}", vhost.display()))
         .args(["-device", "vhost-user-vsock-pci,chardev=vvsock"])
@@ -965,4 +1070,23 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 \
+                    (0x00007f2c)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f2d)\n";
+        assert_eq!(
+            parse_ldd(text).unwrap(),
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+        assert!(parse_ldd("\tlibfoo.so.1 => not found\n").is_err());
+    }
 }
