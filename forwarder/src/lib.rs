@@ -146,9 +146,8 @@ pub struct Inner {
     /// The agent's reverse mirror states, by (protocol, port, VM bind address).
     mirror_states: Mutex<BTreeMap<(u8, u16, IpAddr), MirrorState>>,
     reverse_traffic: Mutex<BTreeMap<(u8, u16), Arc<Traffic>>>,
-    /// The host listener source through the reverse rules (the same object as `filter`).
-    host_listeners: Option<Arc<dyn HostListeners>>,
-    filter: Option<Arc<FilteredHostListeners>>,
+    /// The host listener source through the reverse rules (`None`: no reverse direction).
+    host_listeners: Option<Arc<FilteredHostListeners>>,
     /// Why the last reload of the rules file failed (the rules before it stay).
     rules_error: Mutex<Option<String>>,
 }
@@ -329,7 +328,7 @@ impl Inner {
         }
         // Host listeners the rules hold back: never reported, shown so that nobody wonders
         // why they are missing in the VM.
-        for (l, reason) in self.filter.iter().flat_map(|f| f.denied()) {
+        for (l, reason) in self.host_listeners.iter().flat_map(|f| f.denied()) {
             let row = reverse_rows
                 .entry((l.proto as u8, l.port))
                 .or_insert_with(|| PortRow {
@@ -356,7 +355,7 @@ impl Inner {
             r.summarize();
         }
         ports.extend(reverse_rows.into_values());
-        let reverse_rules = self.filter.as_ref().map(|_| {
+        let reverse_rules = self.host_listeners.as_ref().map(|_| {
             let rules = self.ctx.reverse_rules.borrow();
             RulesStatus {
                 rules: rules.describe(),
@@ -438,8 +437,7 @@ impl Forwarder {
                 reported: Mutex::default(),
                 mirror_states: Mutex::default(),
                 reverse_traffic: Mutex::default(),
-                host_listeners: filter.clone().map(|f| -> Arc<dyn HostListeners> { f }),
-                filter,
+                host_listeners: filter,
                 rules_error: Mutex::default(),
             }),
         })

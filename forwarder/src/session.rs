@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Inner;
 use crate::ctx::bump;
 use crate::listen;
-use crate::reverse;
+use crate::reverse::{self, HostListeners as _};
 
 /// First reconnect delay.
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
