@@ -1,10 +1,11 @@
 //! What every task of a forwarder shares: the connector, the limits, the counters.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hostnet_link::transport::Connector;
+use hostnet_link::udp;
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 
@@ -23,14 +24,8 @@ pub struct Counters {
     pub relays_refused: AtomicU64,
     /// Relays that ended with a reset or error.
     pub relays_reset: AtomicU64,
-    /// UDP flows refused because the flow limit was reached and none could be evicted.
-    pub udp_flows_refused: AtomicU64,
-    /// UDP flows evicted (least recently used) to make room for a new one.
-    pub udp_flows_evicted: AtomicU64,
-    /// UDP flows closed on idle timeout.
-    pub udp_flows_expired: AtomicU64,
-    /// Datagrams dropped (flow queue full, flow failed to open, oversize).
-    pub udp_datagrams_dropped: AtomicU64,
+    /// The datagram channels' counters (every session's; see [`Counters::view`]).
+    pub udp: Arc<udp::Counters>,
     /// Dial-back requests served with `Ok`.
     pub dial_backs: AtomicU64,
     /// Dial-back requests refused (`Forbidden`, connect failures).
@@ -50,29 +45,44 @@ pub struct CountersView {
     pub link_open_failed: u64,
     pub relays_refused: u64,
     pub relays_reset: u64,
+    /// UDP flows open now (on the current session's datagram channel).
+    pub udp_flows: u64,
+    /// UDP flows opened by host clients.
+    pub udp_flows_opened: u64,
+    /// UDP flows from the guest to host services (the reverse direction).
+    pub udp_flows_accepted: u64,
+    /// UDP flows turned away: by the agent (target refused, forbidden, unreachable) or by this
+    /// side (a guest flow to a host port that is not reported, denied, or refused).
     pub udp_flows_refused: u64,
     pub udp_flows_evicted: u64,
     pub udp_flows_expired: u64,
     pub udp_datagrams_dropped: u64,
+    /// Frames too large for a QUIC datagram, sent on the channel's stream instead.
+    pub udp_sent_on_stream: u64,
     pub dial_backs: u64,
     pub dial_backs_failed: u64,
     pub dial_backs_denied: u64,
 }
 
 impl Counters {
-    /// Reads every counter.
-    pub fn view(&self) -> CountersView {
+    /// Reads every counter; `udp_flows` is the number of flows open now.
+    pub fn view(&self, udp_flows: usize) -> CountersView {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let u = self.udp.view();
         CountersView {
+            udp_flows: udp_flows as u64,
+            udp_flows_opened: u.flows_opened,
+            udp_flows_accepted: u.flows_accepted,
+            udp_flows_refused: u.flows_refused + u.flows_refused_by_peer,
+            udp_flows_evicted: u.flows_evicted,
+            udp_flows_expired: u.flows_expired,
+            udp_datagrams_dropped: u.datagrams_dropped,
+            udp_sent_on_stream: u.sent_on_stream,
             sessions: r(&self.sessions),
             streams_refused: r(&self.streams_refused),
             link_open_failed: r(&self.link_open_failed),
             relays_refused: r(&self.relays_refused),
             relays_reset: r(&self.relays_reset),
-            udp_flows_refused: r(&self.udp_flows_refused),
-            udp_flows_evicted: r(&self.udp_flows_evicted),
-            udp_flows_expired: r(&self.udp_flows_expired),
-            udp_datagrams_dropped: r(&self.udp_datagrams_dropped),
             dial_backs: r(&self.dial_backs),
             dial_backs_failed: r(&self.dial_backs_failed),
             dial_backs_denied: r(&self.dial_backs_denied),
@@ -90,11 +100,12 @@ pub fn bump(c: &AtomicU64) {
 pub struct Ctx {
     /// Opens link streams to the agent.
     pub connector: Connector,
-    /// Concurrent link streams (TCP relays, UDP flows, dial-backs).
+    /// Concurrent link streams (TCP relays, dial-backs).
     pub streams: Arc<Semaphore>,
-    /// UDP flows open now, across listeners.
-    pub udp_flows: AtomicUsize,
-    /// Limit on [`Ctx::udp_flows`].
+    /// The current session's datagram channel (`None` between sessions, or when the agent
+    /// has none).
+    pub channel: std::sync::Mutex<Option<udp::Channel>>,
+    /// Limit on the UDP flows of a session (both directions).
     pub max_udp_flows: usize,
     /// Idle timeout of a UDP flow.
     pub udp_timeout: Duration,
@@ -103,4 +114,17 @@ pub struct Ctx {
     /// The reverse direction's rules now (they change on a reload): checked when host
     /// listeners are reported and again at each dial-back.
     pub reverse_rules: watch::Sender<ReverseRules>,
+}
+
+impl Ctx {
+    /// The counters, with the UDP flows open now.
+    pub fn counters_view(&self) -> CountersView {
+        let flows = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, udp::Channel::flows);
+        self.counters.view(flows)
+    }
 }

@@ -367,7 +367,7 @@ impl Inner {
             version: status::STATUS_VERSION,
             session: lock(&self.session).clone(),
             ports,
-            counters: self.ctx.counters.view(),
+            counters: self.ctx.counters_view(),
             reverse_rules,
         }
     }
@@ -403,7 +403,7 @@ impl Forwarder {
         let ctx = Arc::new(Ctx {
             connector,
             streams: Arc::new(Semaphore::new(config.max_streams)),
-            udp_flows: Default::default(),
+            channel: Default::default(),
             max_udp_flows: config.max_udp_flows.max(1),
             udp_timeout: config.udp_timeout,
             counters: Counters::default(),

@@ -28,6 +28,23 @@ pub struct Traffic {
     pub from_guest: AtomicU64,
 }
 
+/// A UDP flow's traffic on its port: "to the peer" is towards the guest.
+impl hostnet_link::udp::Tally for Traffic {
+    fn sent(&self, bytes: usize) {
+        self.to_guest.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    fn received(&self, bytes: usize) {
+        self.from_guest.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    fn opened(&self) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+    fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts one open connection while alive.
 #[derive(Debug)]
 pub struct OpenGuard(Arc<Traffic>);

@@ -13,17 +13,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use hostnet_link::discovery::{self, Protocol};
+use hostnet_link::proto::channel::CloseReason;
 use hostnet_link::proto::{
     self, DialBack, Listener, PayloadStream, Proto, RelayStatus, StreamHeader, StreamKind,
     StreamMode,
 };
-use tokio::io::BufReader;
-use tokio::net::{TcpStream, UdpSocket};
+use hostnet_link::udp;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -210,22 +210,45 @@ async fn connect_target(proto: Proto, addr: SocketAddr) -> std::io::Result<HostC
             let _ = s.set_nodelay(true);
             Ok(HostConn::Tcp(s))
         }
-        Proto::Udp => {
-            let local: IpAddr = if addr.is_ipv4() {
-                Ipv4Addr::LOCALHOST.into()
-            } else {
-                Ipv6Addr::LOCALHOST.into()
-            };
-            let s = UdpSocket::bind(SocketAddr::new(local, 0)).await?;
-            s.connect(addr).await?;
-            Ok(HostConn::Udp(s))
-        }
+        // The agent sends UDP flows on the datagram channel ([`UdpDialer`]), never as a
+        // dial-back; an older agent's UDP dial-back is refused here.
+        Proto::Udp => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "UDP dial-backs are not supported: UDP flows ride the datagram channel (upgrade the agent)",
+        )),
     }
 }
 
 enum HostConn {
     Tcp(TcpStream),
-    Udp(UdpSocket),
+}
+
+/// Admits the flows the agent opens on the datagram channel towards host services: a reported
+/// host listener (on loopback, see [`policy::dial_back_target`]) on a port the reverse rules
+/// allow now.
+#[derive(Debug)]
+pub struct UdpDialer(pub Weak<crate::Inner>);
+
+impl udp::Dialer for UdpDialer {
+    fn admit(
+        &self,
+        target: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<(SocketAddr, Option<Arc<dyn udp::Tally>>), CloseReason> {
+        let inner = self.0.upgrade().ok_or(CloseReason::Gone)?;
+        let ctx = &inner.ctx;
+        if let Err(reason) = ctx.reverse_rules.borrow().check(Proto::Udp, target.port()) {
+            bump(&ctx.counters.dial_backs_denied);
+            tracing::debug!(target_addr = %target, %client, %reason, "guest UDP flow to a port the reverse rules deny; forbidden");
+            return Err(CloseReason::Forbidden);
+        }
+        let Some(addr) = policy::dial_back_target(&inner.reported(), Proto::Udp, target) else {
+            tracing::debug!(target_addr = %target, %client, "guest UDP flow to an address that is not a reported host listener; forbidden");
+            return Err(CloseReason::Forbidden);
+        };
+        let traffic: Arc<dyn udp::Tally> = inner.reverse_traffic(Proto::Udp, target.port());
+        Ok((addr, Some(traffic)))
+    }
 }
 
 /// Serves one `DialBack` request: connects to the host target (if the reverse rules allow its
@@ -331,7 +354,6 @@ pub async fn serve_dial_back(
                 RelayEnd::Cancelled => tracing::debug!("session ended; dial-back reset"),
             }
         }
-        HostConn::Udp(u) => udp_dial_back(&ctx, u, link, &traffic, &session).await,
     }
 }
 
@@ -353,68 +375,4 @@ async fn cut_when_denied(
             return;
         }
     }
-}
-
-async fn udp_dial_back(
-    ctx: &Ctx,
-    sock: UdpSocket,
-    link: PayloadStream<hostnet_link::transport::Stream>,
-    traffic: &Traffic,
-    session: &CancellationToken,
-) {
-    use std::sync::atomic::Ordering;
-    let (rd, mut wr) = tokio::io::split(link);
-    let mut rd = BufReader::new(rd);
-    let mut from_guest = Vec::new();
-    let mut from_host = vec![0u8; proto::MAX_DATAGRAM];
-    // One task, one select: reading a datagram from the link is not cancel-safe, so it runs
-    // as its own future next to the socket loop.
-    let (tx_act, mut rx_act) = tokio::sync::mpsc::channel::<()>(1);
-    let down = async {
-        while proto::read_datagram(&mut rd, &mut from_guest).await? {
-            let _ = tx_act.try_send(());
-            traffic
-                .from_guest
-                .fetch_add(from_guest.len() as u64, Ordering::Relaxed);
-            if let Err(e) = sock.send(&from_guest).await {
-                tracing::debug!(error = %e, "UDP send to the host service failed");
-            }
-        }
-        Ok::<_, proto::ProtoError>(())
-    };
-    let up = async {
-        loop {
-            let n = match sock.recv(&mut from_host).await {
-                Ok(n) => n,
-                Err(e) => return Err::<(), std::io::Error>(e),
-            };
-            let _ = tx_act.try_send(());
-            traffic.to_guest.fetch_add(n as u64, Ordering::Relaxed);
-            if let Err(e) = proto::write_datagram(&mut wr, &from_host[..n]).await {
-                return Err(e.into());
-            }
-        }
-    };
-    let idle = async {
-        loop {
-            match tokio::time::timeout(ctx.udp_timeout, rx_act.recv()).await {
-                Ok(Some(())) => {}
-                _ => return,
-            }
-        }
-    };
-    tokio::select! {
-        r = down => if let Err(e) = r { tracing::debug!(error = %e, "UDP dial-back from the guest failed") },
-        r = up => if let Err(e) = r { tracing::debug!(error = %e, "UDP dial-back towards the guest failed") },
-        () = idle => {
-            bump(&ctx.counters.udp_flows_expired);
-            tracing::debug!("UDP dial-back flow idle; closed");
-        }
-        () = session.cancelled() => {}
-    }
-    let _ = tokio::time::timeout(Duration::from_millis(200), async {
-        use tokio::io::AsyncWriteExt;
-        wr.shutdown().await
-    })
-    .await;
 }

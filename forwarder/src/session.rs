@@ -9,6 +9,7 @@ use hostnet_link::proto::{
     self, ControlError, ControlMessage, ErrorCode, Heartbeat, Hello, ListenerSet, PayloadStream,
     Proto, ProtoError, Resync, Role, Side, StreamHeader, StreamKind, StreamMode, caps,
 };
+use hostnet_link::udp;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -116,7 +117,7 @@ async fn teardown(inner: &Inner) {
 }
 
 fn hello(reverse: bool) -> ControlMessage {
-    let mut capabilities = vec![caps::UDP.to_owned(), caps::DIAL_BACK.to_owned()];
+    let mut capabilities = vec![caps::UDP_CHANNEL.to_owned(), caps::DIAL_BACK.to_owned()];
     if reverse {
         capabilities.push(caps::REVERSE.to_owned());
         capabilities.push(caps::MIRROR_STATE.to_owned());
@@ -217,7 +218,12 @@ async fn session(
         )));
     }
     let reverse = want_reverse && peer.has(caps::REVERSE);
-    let udp = peer.has(caps::UDP);
+    let udp = peer.has(caps::UDP_CHANNEL);
+    if !udp && peer.has("udp") {
+        tracing::warn!(
+            "the agent is older: it carries UDP as a stream per flow, which this forwarder no longer speaks; UDP listeners are not mirrored (upgrade the agent)"
+        );
+    }
     *established = true;
     bump(&inner.ctx.counters.sessions);
     tracing::info!(guest = %inner.ctx.connector.endpoint(), ?mode, reverse, udp, revision = peer.revision.min(proto::CONTROL_REVISION), "session established");
@@ -229,6 +235,12 @@ async fn session(
     let session_token = shutdown.child_token();
     let _cancel_on_exit = session_token.clone().drop_guard();
     inner.mirror().reset(session_token.clone());
+    let channel = if udp {
+        Some(open_channel(inner, reverse).await?)
+    } else {
+        None
+    };
+    let _close_channel = ChannelGuard(&inner.ctx, channel.clone());
 
     // 2. Our snapshot.
     let mut host_set = ListenerSet::new();
@@ -264,6 +276,12 @@ async fn session(
             () = tokio::time::sleep_until(last_rx + proto::HEARTBEAT_TIMEOUT) => {
                 return Err(SessionError::HeartbeatTimeout(proto::HEARTBEAT_TIMEOUT));
             }
+            () = async {
+                match &channel {
+                    Some(c) => c.closed().await,
+                    None => std::future::pending().await,
+                }
+            } => return Err(SessionError::Protocol("the datagram channel ended".into())),
             Some(e) = werr_rx.recv() => return Err(e.into()),
             _ = hb.tick() => {
                 counter += 1;
@@ -294,10 +312,10 @@ async fn session(
                     ControlMessage::Snapshot(s) if s.side == Side::Guest => {
                         let delta = guest.replace(&s);
                         tracing::debug!(seq = s.seq, listeners = s.listeners.len(), "guest snapshot");
-                        apply(inner, delta, mode, udp, &session_token);
+                        apply(inner, delta, mode, &channel, &session_token);
                     }
                     ControlMessage::Changes(c) if c.side == Side::Guest => match guest.apply(&c) {
-                        Ok(delta) => apply(inner, delta, mode, udp, &session_token),
+                        Ok(delta) => apply(inner, delta, mode, &channel, &session_token),
                         Err(gap) => {
                             tracing::warn!(%gap, "asking the agent for a fresh snapshot");
                             send(ControlMessage::Resync(Resync { side: Side::Guest }));
@@ -354,7 +372,7 @@ fn apply(
     inner: &Arc<Inner>,
     delta: proto::Delta,
     mode: StreamMode,
-    udp: bool,
+    channel: &Option<udp::Channel>,
     session: &CancellationToken,
 ) {
     let (ports, new) = {
@@ -366,7 +384,7 @@ fn apply(
         }
         let mut new = Vec::new();
         for l in delta.added {
-            if l.proto == Proto::Udp && !udp {
+            if l.proto == Proto::Udp && channel.is_none() {
                 continue;
             }
             new.extend(m.add(l));
@@ -377,7 +395,49 @@ fn apply(
         h.set_excluded_ports(ports);
     }
     for b in new {
-        listen::spawn(inner.ctx.clone(), b, mode, session.clone());
+        listen::spawn(inner.ctx.clone(), b, mode, channel.clone(), session.clone());
+    }
+}
+
+/// Opens the session's datagram channel: a `{Datagrams, Raw}` stream (and, on QUIC, the
+/// connection's datagrams). Flows the agent opens go to reported host listeners the reverse
+/// rules allow, or nowhere without the reverse direction.
+async fn open_channel(inner: &Arc<Inner>, reverse: bool) -> Result<udp::Channel, SessionError> {
+    let mut stream = inner.ctx.connector.open().await?;
+    let header = StreamHeader {
+        kind: StreamKind::Datagrams,
+        mode: StreamMode::Raw,
+    };
+    proto::write_header(&mut stream, &header).await?;
+    let dialer: Arc<dyn udp::Dialer> = if reverse {
+        Arc::new(reverse::UdpDialer(Arc::downgrade(inner)))
+    } else {
+        Arc::new(udp::RefuseAll)
+    };
+    let config = udp::Config {
+        side: udp::Side::Forwarder,
+        max_flows: inner.ctx.max_udp_flows,
+        idle: inner.ctx.udp_timeout,
+        queue_bytes: udp::DEFAULT_QUEUE_BYTES,
+    };
+    let channel = udp::Channel::start(stream, config, dialer, inner.ctx.counters.udp.clone());
+    *inner.ctx.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel.clone());
+    Ok(channel)
+}
+
+/// Closes the session's channel (every flow) when the session ends.
+struct ChannelGuard<'a>(&'a crate::ctx::Ctx, Option<udp::Channel>);
+
+impl Drop for ChannelGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = &self.1 {
+            c.close();
+        }
+        self.0
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 }
 

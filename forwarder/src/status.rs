@@ -281,7 +281,7 @@ pub fn render_table(r: &StatusReport) -> String {
     let c = &r.counters;
     let limits = [
         ("streams refused (limit)", c.streams_refused),
-        ("UDP flows refused (limit)", c.udp_flows_refused),
+        ("UDP flows refused", c.udp_flows_refused),
         ("UDP flows evicted", c.udp_flows_evicted),
         ("datagrams dropped", c.udp_datagrams_dropped),
         ("link open failures", c.link_open_failed),

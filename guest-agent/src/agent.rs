@@ -8,6 +8,7 @@ use std::time::Duration;
 use hostnet_link::discovery::{self, Event, Options, Protocol, Watcher, WatcherHandle};
 use hostnet_link::proto::{self, DialBackId, ProtoError, StreamKind, StreamMode};
 use hostnet_link::transport::{Listener, Stream};
+use hostnet_link::udp;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +26,8 @@ pub struct AgentConfig {
     pub udp_timeout: Duration,
     /// Concurrent TCP relays, forward and reverse (`--max-streams`).
     pub max_streams: usize,
-    /// Concurrent UDP flows, forward and reverse (`--max-udp-flows`).
+    /// UDP flows open at once, forward and reverse (`--max-udp-flows`); at the limit the least
+    /// recently used is closed.
     pub max_udp_flows: usize,
     /// Discovery poll interval.
     pub discovery_interval: Duration,
@@ -50,7 +52,6 @@ pub(crate) struct Counters {
     pub handshake_errors: AtomicU64,
     pub forbidden: AtomicU64,
     pub streams_full: AtomicU64,
-    pub udp_flows_full: AtomicU64,
     pub sessions: AtomicU64,
     pub dial_backs: AtomicU64,
     pub dial_back_failed: AtomicU64,
@@ -67,8 +68,8 @@ pub struct Stats {
     pub forbidden: u64,
     /// TCP relays refused because `--max-streams` were running.
     pub streams_full: u64,
-    /// UDP flows refused because `--max-udp-flows` were running.
-    pub udp_flows_full: u64,
+    /// The datagram channel's counters (every session's), with the flows open now.
+    pub udp: udp::CountersView,
     /// Control sessions started.
     pub sessions: u64,
     /// Dial-back requests sent.
@@ -94,8 +95,11 @@ pub(crate) struct Shared {
     pub guest: watch::Receiver<Arc<discovery::ListenerSet>>,
     pub watcher: WatcherHandle,
     pub streams: Arc<Semaphore>,
-    pub udp_flows: Arc<Semaphore>,
     pub counters: Counters,
+    /// The datagram channels' counters.
+    pub udp: Arc<udp::Counters>,
+    /// The current session's datagram channel, once the forwarder has opened it.
+    pub channel: watch::Sender<Option<udp::Channel>>,
     /// The current control session.
     pub session: Mutex<Option<SessionSlot>>,
     pub next_session: AtomicU64,
@@ -225,7 +229,8 @@ impl Agent {
         });
         let shared = Arc::new(Shared {
             streams: Arc::new(Semaphore::new(config.max_streams)),
-            udp_flows: Arc::new(Semaphore::new(config.max_udp_flows)),
+            udp: Arc::default(),
+            channel: watch::Sender::new(None),
             config,
             guest: rx,
             watcher,
@@ -254,7 +259,15 @@ impl Agent {
             handshake_errors: g(&c.handshake_errors),
             forbidden: g(&c.forbidden),
             streams_full: g(&c.streams_full),
-            udp_flows_full: g(&c.udp_flows_full),
+            udp: udp::CountersView {
+                flows: self
+                    .shared
+                    .channel
+                    .borrow()
+                    .as_ref()
+                    .map_or(0, |c| c.flows() as u64),
+                ..self.shared.udp.view()
+            },
             sessions: g(&c.sessions),
             dial_backs: g(&c.dial_backs),
             dial_back_failed: g(&c.dial_back_failed),
@@ -336,7 +349,8 @@ async fn handle_stream(shared: Arc<Shared>, mut stream: Stream) {
     match header.kind {
         StreamKind::Control => control::run(shared, stream, header.mode, peer).await,
         StreamKind::TcpRelay(t) => relay::tcp(shared, stream, header.mode, t).await,
-        StreamKind::UdpFlow(t) => relay::udp(shared, stream, header.mode, t).await,
+        StreamKind::Datagrams => crate::udp::run(shared, stream, header.mode, peer).await,
+        StreamKind::UdpFlow(t) => relay::refuse_udp_flow(stream, t).await,
         StreamKind::DialBack(DialBackId(id)) => {
             let waiter = lock(&shared.pending).remove(&id);
             match waiter {

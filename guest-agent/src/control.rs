@@ -150,7 +150,7 @@ async fn session(
         revision: proto::CONTROL_REVISION,
         role: Role::Agent,
         capabilities: vec![
-            caps::UDP.into(),
+            caps::UDP_CHANNEL.into(),
             caps::REVERSE.into(),
             caps::DIAL_BACK.into(),
             caps::MIRROR_STATE.into(),
@@ -218,6 +218,12 @@ async fn session(
     let reverse_on = theirs.has(caps::REVERSE) && theirs.has(caps::DIAL_BACK);
     // Mirror states go only to a forwarder that said it takes them.
     let states_on = reverse_on && theirs.has(caps::MIRROR_STATE);
+    let udp_on = theirs.has(caps::UDP_CHANNEL);
+    if !udp_on && theirs.has("udp") {
+        tracing::warn!(
+            "the forwarder is older: it carries UDP as a stream per flow, which this agent no longer speaks; no UDP in either direction (upgrade the forwarder)"
+        );
+    }
     tracing::info!(revision, capabilities = ?theirs.capabilities, reverse = reverse_on, mirror_states = states_on, "control session up");
 
     let mut guest_rx = shared.guest.clone();
@@ -239,6 +245,7 @@ async fn session(
         cancel.clone(),
         dial_tx,
         states_on.then_some(state_tx),
+        udp_on,
     );
     // No host listeners yet: no mirrors, nothing to report.
     let _ = reverse.set_guest(mine.listeners());

@@ -8,7 +8,9 @@
 //! * [`agent`]: [`Agent`]: discovery feed, accept loops, per-stream dispatch by header kind.
 //! * `control`: the control session (Hello, guest snapshot and changes, resync, heartbeats,
 //!   host listener set, dial-back requests); one at a time, a new one replaces the old.
-//! * `relay`: TCP relays (half-close and reset carried both ways) and UDP flows.
+//! * `relay`: TCP relays (half-close and reset carried both ways).
+//! * `udp`: the datagram channel's agent end (UDP flows both ways, see
+//!   [`hostnet_link::udp`]).
 //! * `reverse`: host listeners bound on the VM's loopback, dial-back.
 //! * [`policy`]: pure rules: what is reported, which relay targets are allowed, where host
 //!   listeners are mirrored.
@@ -25,5 +27,6 @@ pub mod ports;
 mod relay;
 mod reverse;
 pub mod sys;
+mod udp;
 
 pub use agent::{Agent, AgentConfig, ServeError, StartError, Stats};

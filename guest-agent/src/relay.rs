@@ -1,27 +1,20 @@
-//! Relays: a link stream against a TCP connection (half-close and reset carried both ways),
-//! and a link stream of datagrams against a UDP socket. Used for forwarder-opened relay
-//! streams and for dial-back streams alike.
+//! TCP relays: a link stream against a TCP connection (half-close and reset carried both
+//! ways), for forwarder-opened relay streams and dial-back streams alike. (UDP rides the
+//! datagram channel: `crate::udp`.)
 
-use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use hostnet_link::proto::{self, PayloadStream, Proto, RelayStatus, RelayTarget, StreamMode};
 use hostnet_link::relay::RelayEnd;
 use hostnet_link::transport::Stream;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpStream, UdpSocket};
-use tokio::time::Instant;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::agent::{Shared, lock};
+use crate::agent::Shared;
 use crate::policy;
-
-/// How long a reset or a final END may take to go out before the stream is just dropped.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Writes the status, bounded: a peer that does not read is not waited for.
 async fn answer(stream: &mut Stream, status: &RelayStatus) -> bool {
@@ -116,148 +109,9 @@ pub(crate) async fn relay_tcp(
     }
 }
 
-/// A forwarder-opened `UdpFlow` stream.
-pub(crate) async fn udp(shared: Arc<Shared>, mut stream: Stream, mode: StreamMode, t: RelayTarget) {
-    let span = tracing::info_span!("udp", target = %t.target, client = %t.client);
-    async move {
-        let Ok(_permit) = shared.udp_flows.clone().try_acquire_owned() else {
-            shared
-                .counters
-                .udp_flows_full
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                max = shared.config.max_udp_flows,
-                "too many UDP flows; refusing"
-            );
-            answer(&mut stream, &RelayStatus::error("too many udp flows")).await;
-            return;
-        };
-        let Some(addr) = admit(&shared, &mut stream, Proto::Udp, &t).await else {
-            return;
-        };
-        let local: SocketAddr = if addr.is_ipv4() {
-            (Ipv4Addr::LOCALHOST, 0).into()
-        } else {
-            (Ipv6Addr::LOCALHOST, 0).into()
-        };
-        let sock = async {
-            let s = UdpSocket::bind(local).await?;
-            s.connect(addr).await?;
-            io::Result::Ok(s)
-        }
-        .await;
-        let sock = match sock {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::info!(%addr, error = %e, "UDP socket setup failed");
-                answer(&mut stream, &RelayStatus::from_connect_error(&e)).await;
-                return;
-            }
-        };
-        if !answer(&mut stream, &RelayStatus::Ok).await {
-            return;
-        }
-        let link = PayloadStream::new(stream, mode);
-        relay_datagrams(
-            link,
-            UdpSide::Connected(&sock),
-            shared.config.udp_timeout,
-            &shared.root,
-        )
-        .await;
-    }
-    .instrument(span)
-    .await;
-}
-
-/// Where datagrams from the link go, and where datagrams for the link come from.
-pub(crate) enum UdpSide<'a> {
-    /// A connected socket (forward flows): `send` / `recv`.
-    Connected(&'a UdpSocket),
-    /// A shared listening socket (reverse flows): `send_to(client)`, datagrams from the
-    /// mirror's receive loop.
-    Shared {
-        sock: &'a UdpSocket,
-        client: SocketAddr,
-        rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    },
-}
-
-/// Relays datagrams between a link stream and a UDP socket until either side ends, `cancel`
-/// fires, or the flow has been idle (no datagram either way) for `idle`.
-pub(crate) async fn relay_datagrams(
-    link: PayloadStream<Stream>,
-    side: UdpSide<'_>,
-    idle: Duration,
-    cancel: &CancellationToken,
-) {
-    let (mut rd, mut wr) = tokio::io::split(link);
-    let last = Mutex::new(Instant::now());
-    let touch = || *lock(&last) = Instant::now();
-    let (sock, client, mut rx) = match side {
-        UdpSide::Connected(s) => (s, None, None),
-        UdpSide::Shared { sock, client, rx } => (sock, Some(client), Some(rx)),
-    };
-    let to_vm = async {
-        let mut buf = Vec::with_capacity(2048);
-        loop {
-            match proto::read_datagram(&mut rd, &mut buf).await {
-                Ok(true) => {}
-                Ok(false) => return "link ended",
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading a datagram from the link failed");
-                    return "link failed";
-                }
-            }
-            touch();
-            let sent = match client {
-                Some(c) => sock.send_to(&buf, c).await,
-                None => sock.send(&buf).await,
-            };
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, "UDP send failed; datagram dropped");
-            }
-        }
-    };
-    let to_link = async {
-        let mut buf = vec![0u8; proto::MAX_DATAGRAM];
-        loop {
-            let written = match &mut rx {
-                Some(rx) => match rx.recv().await {
-                    Some(d) => proto::write_datagram(&mut wr, &d).await,
-                    None => return "mirror closed",
-                },
-                None => match sock.recv(&mut buf).await {
-                    Ok(n) => proto::write_datagram(&mut wr, buf.get(..n).unwrap_or_default()).await,
-                    Err(e) => {
-                        // ICMP port unreachable and the like: the flow goes on.
-                        tracing::debug!(error = %e, "UDP receive failed");
-                        continue;
-                    }
-                },
-            };
-            if let Err(e) = written {
-                tracing::debug!(error = %e, "writing a datagram to the link failed");
-                return "link write failed";
-            }
-            touch();
-        }
-    };
-    let idle_timer = async {
-        loop {
-            let deadline = *lock(&last) + idle;
-            if Instant::now() >= deadline {
-                return "idle";
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    };
-    let why = tokio::select! {
-        w = to_vm => w,
-        w = to_link => w,
-        w = idle_timer => w,
-        () = cancel.cancelled() => "cancelled",
-    };
-    let _ = tokio::time::timeout(CLOSE_GRACE, wr.shutdown()).await;
-    tracing::debug!(reason = why, "UDP flow closed");
+/// A `UdpFlow` stream from an older forwarder: UDP rides the datagram channel now.
+pub(crate) async fn refuse_udp_flow(mut stream: Stream, t: RelayTarget) {
+    tracing::warn!(target = %t.target, client = %t.client, "a UDP flow stream from an older forwarder; refused (UDP rides the datagram channel: upgrade the forwarder)");
+    let why = "UDP flow streams are not supported: this agent carries UDP on the datagram channel (upgrade the forwarder)";
+    answer(&mut stream, &RelayStatus::error(why)).await;
 }

@@ -1,6 +1,7 @@
 //! The reverse direction: the host's listeners mirrored on the VM's loopback. Each accepted
-//! connection (or new UDP client) becomes a `DialBack` request on the control stream; the
-//! forwarder answers with a `DialBack(id)` stream that arrives through the transport listener.
+//! TCP connection becomes a `DialBack` request on the control stream; the forwarder answers
+//! with a `DialBack(id)` stream that arrives through the transport listener. A UDP mirror's
+//! clients become flows on the session's datagram channel.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -24,14 +25,11 @@ use tracing::Instrument;
 
 use crate::agent::{DialBackTx, PendingGuard, Shared, lock};
 use crate::policy::{self, MirrorKey};
-use crate::relay::{self, UdpSide};
+use crate::relay;
 
 /// First and longest pause between attempts to bind a port that is taken in the VM.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// Datagrams queued per reverse UDP flow (while its dial-back is pending, or the link is slow);
-/// more are dropped.
-const FLOW_QUEUE: usize = 256;
 
 /// Bind results queued from the mirror tasks to the control session.
 pub(crate) const STATE_QUEUE: usize = 256;
@@ -56,6 +54,9 @@ struct Ctx {
     dial_tx: DialBackTx,
     /// Where bind results go; `None` when the forwarder does not take `MirrorState`.
     state_tx: Option<StateTx>,
+    /// Whether the forwarder speaks the datagram channel (else host UDP listeners are not
+    /// mirrored).
+    udp: bool,
 }
 
 struct Mirror {
@@ -86,6 +87,7 @@ impl Reverse {
         cancel: CancellationToken,
         dial_tx: DialBackTx,
         state_tx: Option<StateTx>,
+        udp: bool,
     ) -> Self {
         Self {
             ctx: Arc::new(Ctx {
@@ -93,6 +95,7 @@ impl Reverse {
                 cancel,
                 dial_tx,
                 state_tx,
+                udp,
             }),
             host: proto::ListenerSet::awaiting_snapshot(),
             guest: BTreeSet::new(),
@@ -148,7 +151,10 @@ impl Reverse {
     }
 
     fn reconcile(&mut self) -> Vec<MirrorState> {
-        let (want, skipped) = policy::reverse_mirrors(self.host.listeners(), &self.guest);
+        let (mut want, skipped) = policy::reverse_mirrors(self.host.listeners(), &self.guest);
+        if !self.ctx.udp {
+            want.retain(|k, _| k.proto != Proto::Udp);
+        }
         let skipped: BTreeSet<_> = skipped.into_iter().collect();
         for l in skipped.difference(&self.skipped) {
             tracing::info!(listener = ?l, "host listener not mirrored: the guest reports that port itself");
@@ -461,58 +467,40 @@ async fn dial_back(
     }
 }
 
+/// A host UDP listener mirrored on the VM's loopback: each VM client's datagrams go to the
+/// forwarder on the session's datagram channel (a flow per client), the host service's replies
+/// come back from this socket.
 async fn udp_mirror(ctx: Arc<Ctx>, key: MirrorKey, generation: u64, target: SocketAddr) {
-    // Flows hold the socket too: the guard lives exactly as long as the socket.
-    let sock = Arc::new(Held {
-        io: bind_retry(&ctx, key, generation, || bind_udp(key.bind)).await,
+    let sock = Held {
+        io: Arc::new(bind_retry(&ctx, key, generation, || bind_udp(key.bind)).await),
         _guard: ctx.shared.mirror_guard(Protocol::Udp, key.bind.port()),
-    });
+    };
     tracing::info!("mirroring host listener");
-    let mut flows: HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)> = HashMap::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
-    let mut generation = 0u64;
+    let mut channels = ctx.shared.channel.subscribe();
     let mut buf = vec![0u8; proto::MAX_DATAGRAM];
     loop {
-        tokio::select! {
-            r = sock.recv_from(&mut buf) => {
-                let (n, client) = match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "UDP receive failed");
-                        continue;
+        // Registered with the current channel; dropped (its flows closed) before the socket.
+        let listener = channels
+            .borrow_and_update()
+            .as_ref()
+            .map(|c| c.listener(sock.io.clone(), target, None));
+        loop {
+            tokio::select! {
+                r = sock.recv_from(&mut buf) => match r {
+                    Ok((n, client)) => match &listener {
+                        Some(l) => l.datagram(client, buf.get(..n).unwrap_or_default()),
+                        None => {
+                            ctx.shared.udp.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%client, "no datagram channel yet; datagram dropped");
+                        }
+                    },
+                    Err(e) => tracing::debug!(error = %e, "UDP receive failed"),
+                },
+                changed = channels.changed() => {
+                    if changed.is_err() {
+                        return;
                     }
-                };
-                let datagram = buf.get(..n).unwrap_or_default().to_vec();
-                if let Some((_, tx)) = flows.get(&client) {
-                    if tx.try_send(datagram).is_err() {
-                        tracing::debug!(%client, "reverse UDP flow queue full; datagram dropped");
-                    }
-                    continue;
-                }
-                let Ok(permit) = ctx.shared.udp_flows.clone().try_acquire_owned() else {
-                    ctx.shared.counters.udp_flows_full.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%client, max = ctx.shared.config.max_udp_flows, "too many UDP flows; datagram dropped");
-                    continue;
-                };
-                generation += 1;
-                let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-                let _ = tx.try_send(datagram);
-                flows.insert(client, (generation, tx));
-                let (ctx, sock, done) = (ctx.clone(), sock.clone(), done_tx.clone());
-                let g = generation;
-                let span = tracing::info_span!("reverse-udp", %client, host = %target);
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if let Some(link) = dial_back(&ctx, Proto::Udp, target, client).await {
-                        let side = UdpSide::Shared { sock: &sock, client, rx };
-                        relay::relay_datagrams(link, side, ctx.shared.config.udp_timeout, &ctx.cancel).await;
-                    }
-                    let _ = done.send((client, g));
-                }.instrument(span));
-            }
-            Some((client, g)) = done_rx.recv() => {
-                if flows.get(&client).is_some_and(|(x, _)| *x == g) {
-                    flows.remove(&client);
+                    break;
                 }
             }
         }

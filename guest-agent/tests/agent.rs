@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use hostnet_link::proto::channel::{self, CloseReason, Frame};
 use hostnet_link::proto::{
     self, ControlMessage, DialBackId, Hello, Listener, PayloadStream, Proto, RelayStatus,
     RelayTarget, Role, Side, Snapshot, StreamHeader, StreamKind, StreamMode, caps,
@@ -178,7 +179,7 @@ impl Ctl {
         tx.send(ControlMessage::Hello(Hello {
             revision: proto::CONTROL_REVISION,
             role: Role::Forwarder,
-            capabilities: [caps::UDP, caps::REVERSE, caps::DIAL_BACK]
+            capabilities: [caps::UDP_CHANNEL, caps::REVERSE, caps::DIAL_BACK]
                 .iter()
                 .chain(extra)
                 .map(|c| (*c).to_owned())
@@ -301,6 +302,67 @@ fn payload(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A channel frame, owned (as read off the datagram channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owned {
+    Data(u32, Vec<u8>),
+    Open(u32, SocketAddr, SocketAddr, Vec<u8>),
+    Close(u32, CloseReason),
+}
+
+/// The test's end of a datagram channel: raw frames on a `{Datagrams, Raw}` stream.
+struct Chan {
+    s: Stream,
+    buf: Vec<u8>,
+}
+
+impl Chan {
+    async fn open(conn: &Connector) -> Self {
+        let mut s = conn.open().await.unwrap();
+        let header = StreamHeader {
+            kind: StreamKind::Datagrams,
+            mode: StreamMode::Raw,
+        };
+        proto::write_header(&mut s, &header).await.unwrap();
+        Self { s, buf: Vec::new() }
+    }
+
+    async fn send(&mut self, f: Frame<'_>) {
+        let mut b = Vec::new();
+        channel::encode_frame(&f, &mut b).unwrap();
+        self.s.write_all(&b).await.unwrap();
+    }
+
+    /// The next frame, or `None` when the agent closed the channel.
+    async fn next(&mut self) -> Option<Owned> {
+        loop {
+            if let Some((f, used)) = channel::decode_frame(&self.buf).unwrap() {
+                let o = match f {
+                    Frame::Data { flow, payload } => Owned::Data(flow, payload.to_vec()),
+                    Frame::Open {
+                        flow,
+                        target,
+                        client,
+                        payload,
+                    } => Owned::Open(flow, target, client, payload.to_vec()),
+                    Frame::Close { flow, reason } => Owned::Close(flow, reason),
+                };
+                self.buf.drain(..used);
+                return Some(o);
+            }
+            let mut chunk = vec![0u8; 70_000];
+            let n = timeout(STEP, self.s.read(&mut chunk))
+                .await
+                .expect("a frame within 5 s")
+                .unwrap();
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
 fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -357,7 +419,9 @@ async fn snapshot_then_changes_follow_listeners() {
     let mut ctl = Ctl::open(&agent.connector(), true).await;
     assert_eq!(ctl.hello.role, Role::Agent);
     assert!(
-        ctl.hello.has(caps::UDP) && ctl.hello.has(caps::REVERSE) && ctl.hello.has(caps::DIAL_BACK)
+        ctl.hello.has(caps::UDP_CHANNEL)
+            && ctl.hello.has(caps::REVERSE)
+            && ctl.hello.has(caps::DIAL_BACK)
     );
     match ctl.next().await {
         Some(ControlMessage::Snapshot(s)) => {
@@ -497,22 +561,79 @@ async fn udp_flow_echoes() {
     )
     .await;
     assert_eq!(status, RelayStatus::Forbidden);
-    let mode = StreamMode::Framed;
-    let (status, s) = open_relay(&conn, StreamKind::UdpFlow(target(addr)), mode).await;
-    assert_eq!(status, RelayStatus::Ok);
-    let mut link = PayloadStream::new(s, mode);
-    let mut buf = Vec::new();
+    let mut ch = Chan::open(&conn).await;
+    let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
     for i in 0..50usize {
         let d = payload(i as u64 + 10, 1 + i * 97);
-        proto::write_datagram(&mut link, &d).await.unwrap();
-        assert!(
-            timeout(STEP, proto::read_datagram(&mut link, &mut buf))
-                .await
-                .unwrap()
-                .unwrap()
-        );
-        assert_eq!(buf, d, "datagram {i}");
+        if i == 0 {
+            ch.send(Frame::Open {
+                flow: 1,
+                target: addr,
+                client,
+                payload: &d,
+            })
+            .await;
+        } else {
+            ch.send(Frame::Data {
+                flow: 1,
+                payload: &d,
+            })
+            .await;
+        }
+        assert_eq!(ch.next().await, Some(Owned::Data(1, d)), "datagram {i}");
     }
+    // A datagram near the IPv4 limit (65,507), whole, both ways.
+    let big = payload(99, 65_000);
+    ch.send(Frame::Data {
+        flow: 1,
+        payload: &big,
+    })
+    .await;
+    assert_eq!(ch.next().await, Some(Owned::Data(1, big)));
+    // A second flow of another client to the same port gets its own socket and its own replies.
+    ch.send(Frame::Open {
+        flow: 2,
+        target: addr,
+        client: "127.0.0.1:40001".parse().unwrap(),
+        payload: b"two",
+    })
+    .await;
+    assert_eq!(ch.next().await, Some(Owned::Data(2, b"two".to_vec())));
+    // A port nobody listens on is forbidden, answered with CLOSE.
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let nobody = closed.local_addr().unwrap();
+    drop(closed);
+    ch.send(Frame::Open {
+        flow: 3,
+        target: nobody,
+        client,
+        payload: b"x",
+    })
+    .await;
+    assert_eq!(
+        ch.next().await,
+        Some(Owned::Close(3, CloseReason::Forbidden))
+    );
+    // DATA for a flow the agent does not know: CLOSE Unknown, so the opener reopens.
+    ch.send(Frame::Data {
+        flow: 77,
+        payload: b"?",
+    })
+    .await;
+    assert_eq!(
+        ch.next().await,
+        Some(Owned::Close(77, CloseReason::Unknown))
+    );
+    // An older forwarder's UDP flow stream is refused with a clear error.
+    let (status, _) =
+        open_relay(&conn, StreamKind::UdpFlow(target(addr)), StreamMode::Framed).await;
+    assert!(
+        matches!(&status, RelayStatus::Error(Some(m)) if m.contains("datagram channel")),
+        "{status:?}"
+    );
+    // A malformed frame ends the channel.
+    ch.s.write_all(&[0x7f, 0, 0, 0, 1]).await.unwrap();
+    assert_eq!(ch.next().await, None);
 }
 
 #[tokio::test]
@@ -527,16 +648,17 @@ async fn udp_flow_ends_when_idle() {
         ..tcp_listener(addr.port())
     };
     ctl.wait_guest(STEP, |g| g.contains(&udp)).await;
-    let mode = StreamMode::Framed;
-    let (status, s) = open_relay(&conn, StreamKind::UdpFlow(target(addr)), mode).await;
-    assert_eq!(status, RelayStatus::Ok);
-    let mut link = PayloadStream::new(s, mode);
-    let mut buf = Vec::new();
-    // The agent closes the idle flow cleanly (END) after about a second.
-    let ended = timeout(STEP, proto::read_datagram(&mut link, &mut buf))
-        .await
-        .expect("idle flow not closed");
-    assert!(!ended.unwrap());
+    let mut ch = Chan::open(&conn).await;
+    ch.send(Frame::Open {
+        flow: 5,
+        target: addr,
+        client: "127.0.0.1:40000".parse().unwrap(),
+        payload: b"ping",
+    })
+    .await;
+    // No reply (nothing echoes here): the agent closes the idle flow after about a second
+    // (and at most a quarter timeout later).
+    assert_eq!(ch.next().await, Some(Owned::Close(5, CloseReason::Idle)));
     drop(echo);
 }
 
@@ -906,7 +1028,7 @@ async fn the_stream_limit_answers_an_error() {
 }
 
 #[tokio::test]
-async fn reverse_udp_flow_dials_back() {
+async fn reverse_udp_flow_rides_the_channel() {
     let agent = AgentProc::start(&[]);
     let conn = agent.connector();
     let mut ctl = Ctl::open(&conn, true).await;
@@ -920,6 +1042,7 @@ async fn reverse_udp_flow_dials_back() {
         proto: Proto::Udp,
         ..tcp_listener(b)
     };
+    let mut ch = Chan::open(&conn).await;
     ctl.send(ControlMessage::Snapshot(Snapshot {
         side: Side::Host,
         seq: 7,
@@ -928,47 +1051,31 @@ async fn reverse_udp_flow_dials_back() {
     .await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect((Ipv4Addr::LOCALHOST, b)).await.unwrap();
-    // Datagrams to a port not bound yet are lost: send until the agent asks for a dial-back.
+    // Datagrams to a port not bound yet are lost: send until the agent opens a flow.
     let deadline = tokio::time::Instant::now() + STEP;
-    let req = loop {
+    let (flow, to, from, first) = loop {
         let _ = client.send(b"guest datagram").await;
-        match timeout(Duration::from_millis(50), ctl.rx.recv()).await {
-            Ok(Some(ControlMessage::DialBack(d))) => break d,
-            Ok(Some(_)) | Err(_) => {}
-            Ok(None) => panic!("agent closed the control stream"),
+        if let Ok(f) = timeout(Duration::from_millis(50), ch.next()).await {
+            match f {
+                Some(Owned::Open(flow, to, from, d)) => break (flow, to, from, d),
+                other => panic!("expected OPEN, got {other:?}"),
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no dial-back request"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "no flow opened");
     };
-    assert_eq!(req.proto, Proto::Udp);
-    assert_eq!(req.target, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), b));
-    assert_eq!(req.client, client.local_addr().unwrap());
-    let mode = StreamMode::Framed;
-    let mut s = conn.open().await.unwrap();
-    proto::write_header(
-        &mut s,
-        &StreamHeader {
-            kind: StreamKind::DialBack(req.id),
-            mode,
-        },
-    )
-    .await
-    .unwrap();
-    proto::write_status(&mut s, &RelayStatus::Ok).await.unwrap();
-    let mut link = PayloadStream::new(s, mode);
-    let mut buf = Vec::new();
-    assert!(
-        timeout(STEP, proto::read_datagram(&mut link, &mut buf))
-            .await
-            .unwrap()
-            .unwrap()
+    assert_eq!(
+        flow & channel::AGENT_FLOW,
+        channel::AGENT_FLOW,
+        "the agent's id bit"
     );
-    assert_eq!(buf, b"guest datagram");
-    proto::write_datagram(&mut link, b"host reply")
-        .await
-        .unwrap();
+    assert_eq!(to, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), b));
+    assert_eq!(from, client.local_addr().unwrap());
+    assert_eq!(first, b"guest datagram");
+    ch.send(Frame::Data {
+        flow,
+        payload: b"host reply",
+    })
+    .await;
     let mut got = [0u8; 64];
     let n = timeout(STEP, client.recv(&mut got)).await.unwrap().unwrap();
     assert_eq!(&got[..n], b"host reply");

@@ -10,6 +10,8 @@
 //! - [`discovery`]: the listener set and its diff (every host); on Linux, the listening sockets
 //!   of this machine through netlink sock_diag, and a watcher that reports additions and
 //!   removals.
+//! - [`udp`]: UDP flows over the session's datagram channel (one per session, every flow,
+//!   both directions; QUIC datagrams where the transport has them).
 //! - [`ports`]: port lists (`80,8000-8100,tcp:5432,udp:53`) and the allow/deny filter they
 //!   make: the agent's `--allow`/`--deny` and the forwarder's `--reverse-allow`/`--reverse-deny`.
 //!
@@ -22,3 +24,4 @@ pub mod ports;
 pub mod proto;
 pub mod relay;
 pub mod transport;
+pub mod udp;

@@ -212,20 +212,12 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn encoded_stream(
-    h: &StreamHeader,
-    st: &RelayStatus,
-    msgs: &[ControlMessage],
-    dgrams: &[Vec<u8>],
-) -> Vec<u8> {
+fn encoded_stream(h: &StreamHeader, st: &RelayStatus, msgs: &[ControlMessage]) -> Vec<u8> {
     let mut out = Vec::new();
     proto::encode_header(h, &mut out).expect("header");
     proto::encode_status(st, &mut out).expect("status");
     for m in msgs {
         proto::encode_control(m, &mut out).expect("control");
-    }
-    for d in dgrams {
-        proto::encode_datagram(d, &mut out).expect("datagram");
     }
     out
 }
@@ -269,28 +261,48 @@ proptest! {
         }
     }
 
+    /// Channel frames back to back decode to themselves, each needing all its bytes.
     #[test]
-    fn datagram_round_trip(d in proptest::collection::vec(any::<u8>(), 0..2000)) {
+    fn channel_frames_round_trip(
+        frames in proptest::collection::vec(
+            (any::<u32>(), 0u8..3, sockaddr(), sockaddr(), proptest::collection::vec(any::<u8>(), 0..600), 0u8..7),
+            1..8,
+        ),
+    ) {
+        use proto::channel::{CloseReason, Frame};
+        let frames: Vec<Frame<'_>> = frames
+            .iter()
+            .map(|(flow, kind, target, client, payload, reason)| match kind {
+                0 => Frame::Data { flow: *flow, payload },
+                1 => Frame::Open { flow: *flow, target: *target, client: *client, payload },
+                _ => Frame::Close { flow: *flow, reason: CloseReason::from_code(*reason).unwrap() },
+            })
+            .collect();
         let mut buf = Vec::new();
-        proto::encode_datagram(&d, &mut buf).unwrap();
-        let (back, used) = proto::decode_datagram(&buf).unwrap();
-        prop_assert_eq!(back, &d[..]);
-        prop_assert_eq!(used, buf.len());
-        prop_assert!(proto::decode_datagram(&buf[..buf.len() - 1]).is_none());
+        for f in &frames {
+            proto::channel::encode_frame(f, &mut buf).unwrap();
+        }
+        let mut at = 0;
+        for f in &frames {
+            let (back, used) = proto::channel::decode_frame(&buf[at..]).unwrap().unwrap();
+            prop_assert_eq!(&back, f);
+            prop_assert!(proto::channel::decode_frame(&buf[at..at + used - 1]).unwrap().is_none());
+            at += used;
+        }
+        prop_assert_eq!(at, buf.len());
     }
 
-    /// A whole stream (header, status, control messages, datagrams, then raw payload) read
+    /// A whole stream (header, status, control messages, then raw payload) read
     /// through arbitrary short reads decodes the same, and leaves the payload intact.
     #[test]
     fn arbitrary_splits_decode_identically(
         h in header(),
         st in status(),
         msgs in proptest::collection::vec(control(), 0..6),
-        dgrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..6),
         payload in proptest::collection::vec(any::<u8>(), 0..500),
         sizes in proptest::collection::vec(1usize..40, 1..16),
     ) {
-        let mut bytes = encoded_stream(&h, &st, &msgs, &dgrams);
+        let mut bytes = encoded_stream(&h, &st, &msgs);
         let mut control_only = Vec::new();
         for m in &msgs {
             proto::encode_control(m, &mut control_only).unwrap();
@@ -305,11 +317,6 @@ proptest! {
             for m in &msgs {
                 let got = proto::read_control(&mut r).await.unwrap().unwrap();
                 assert_eq!(&got, m);
-            }
-            let mut d = Vec::new();
-            for want in &dgrams {
-                assert!(proto::read_datagram(&mut r, &mut d).await.unwrap());
-                assert_eq!(&d, want);
             }
             let mut rest = Vec::new();
             r.read_to_end(&mut rest).await.unwrap();
@@ -458,8 +465,10 @@ async fn oversize_lengths_are_errors() {
         .unwrap_err();
     assert!(matches!(e, ProtoError::TooLarge { .. }));
     let mut too_big = Vec::new();
-    assert!(proto::encode_datagram(&vec![0; proto::MAX_DATAGRAM + 1], &mut too_big).is_err());
-    assert!(proto::encode_datagram(&vec![0; proto::MAX_DATAGRAM], &mut too_big).is_ok());
+    let data = |payload| proto::channel::Frame::Data { flow: 1, payload };
+    let over = vec![0; proto::MAX_DATAGRAM + 1];
+    assert!(proto::channel::encode_frame(&data(&over), &mut too_big).is_err());
+    assert!(proto::channel::encode_frame(&data(&over[1..]), &mut too_big).is_ok());
 }
 
 #[tokio::test]
@@ -531,12 +540,6 @@ async fn truncated_input_is_an_error_not_a_hang() {
     ));
     let mut r: &[u8] = &[];
     assert!(proto::read_control(&mut r).await.unwrap().is_none());
-    let mut d = Vec::new();
-    let mut r: &[u8] = &[0, 5, 1, 2];
-    assert!(matches!(
-        proto::read_datagram(&mut r, &mut d).await,
-        Err(ProtoError::Truncated { .. })
-    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -766,9 +769,37 @@ fn golden_bytes_match_the_documented_encoding() {
         assert_eq!(out, unhex(&hex.replace(' ', "")), "{m:?}");
     }
     let mut out = Vec::new();
-    proto::encode_datagram(b"abc", &mut out).unwrap();
-    proto::encode_datagram(b"", &mut out).unwrap();
-    assert_eq!(out, unhex("00036162630000"));
+    use proto::channel::{CloseReason, Frame};
+    for f in [
+        Frame::Data {
+            flow: 1,
+            payload: b"abc",
+        },
+        Frame::Open {
+            flow: 0x8000_0002,
+            target: "127.0.0.1:53".parse().unwrap(),
+            client: "[::1]:1024".parse().unwrap(),
+            payload: b"",
+        },
+        Frame::Close {
+            flow: 3,
+            reason: CloseReason::Forbidden,
+        },
+    ] {
+        proto::channel::encode_frame(&f, &mut out).unwrap();
+    }
+    assert_eq!(
+        out,
+        unhex(
+            concat!(
+                "01 00000001 0003 616263",
+                "02 80000002 04 7f000001 0035 06 00000000000000000000000000000001 0400 0000",
+                "03 00000003 03"
+            )
+            .replace(' ', "")
+            .as_str()
+        )
+    );
     let mut out = Vec::new();
     proto::FrameHead::Data(3).encode(&mut out).unwrap();
     out.extend_from_slice(b"abc");

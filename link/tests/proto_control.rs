@@ -17,7 +17,7 @@ fn hello(role: Role) -> ControlMessage {
         revision: CONTROL_REVISION,
         role,
         capabilities: vec![
-            caps::UDP.into(),
+            caps::UDP_CHANNEL.into(),
             caps::DIAL_BACK.into(),
             "future-thing".into(),
         ],

@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hostnet_link::proto::channel::CloseReason;
 use hostnet_link::proto::{
     self, ControlMessage, DialBackId, Heartbeat, Hello, Listener, PayloadStream, Proto,
     RelayStatus, Role, Side, Snapshot, StreamKind, caps,
 };
 use hostnet_link::transport::{Auth, Listener as LinkListener, Stream};
+use hostnet_link::udp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -222,24 +224,22 @@ impl FakeAgent {
                                 let _ = link.reset_framed().await;
                             }
                         }
-                        StreamKind::UdpFlow(t) => {
-                            if !matches!(
-                                st.lock().unwrap().routes.get(&t.target.port()),
-                                Some(Route::UdpEcho)
-                            ) {
-                                let _ = proto::write_status(&mut s, &RelayStatus::Forbidden).await;
-                                return;
-                            }
-                            st.lock().unwrap().udp_clients.push(t.client);
-                            proto::write_status(&mut s, &RelayStatus::Ok).await.unwrap();
-                            let (rd, mut wr) = tokio::io::split(PayloadStream::new(s, h.mode));
-                            let mut rd = tokio::io::BufReader::new(rd);
-                            let mut buf = Vec::new();
-                            while let Ok(true) = proto::read_datagram(&mut rd, &mut buf).await {
-                                if proto::write_datagram(&mut wr, &buf).await.is_err() {
-                                    return;
-                                }
-                            }
+                        StreamKind::Datagrams => {
+                            // The real channel, with a dialer that sends UdpEcho routes to an
+                            // echo socket of the fake agent's own.
+                            let echo = udp_echo().await;
+                            let dialer = Arc::new(FakeDialer { st, echo });
+                            let config = udp::Config {
+                                side: udp::Side::Agent,
+                                max_flows: 4096,
+                                idle: Duration::from_secs(120),
+                                queue_bytes: udp::DEFAULT_QUEUE_BYTES,
+                            };
+                            let ch = udp::Channel::start(s, config, dialer, Default::default());
+                            ch.closed().await;
+                        }
+                        StreamKind::UdpFlow(_) => {
+                            let _ = proto::write_status(&mut s, &RelayStatus::Forbidden).await;
                         }
                         StreamKind::DialBack(id) => {
                             let _ = db_tx.send((id, h.mode, s));
@@ -295,7 +295,7 @@ async fn control(
         revision: proto::CONTROL_REVISION,
         role: Role::Agent,
         capabilities: vec![
-            caps::UDP.into(),
+            caps::UDP_CHANNEL.into(),
             caps::REVERSE.into(),
             caps::DIAL_BACK.into(),
         ],
@@ -385,4 +385,38 @@ pub fn checksum(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf29ce484222325u64, |h, &c| {
         (h ^ u64::from(c)).wrapping_mul(0x100000001b3)
     })
+}
+
+/// The fake agent's end of the datagram channel: UdpEcho routes go to its echo socket.
+struct FakeDialer {
+    st: Arc<Mutex<AgentState>>,
+    echo: SocketAddr,
+}
+
+impl udp::Dialer for FakeDialer {
+    fn admit(
+        &self,
+        target: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<(SocketAddr, Option<Arc<dyn udp::Tally>>), CloseReason> {
+        let mut st = self.st.lock().unwrap();
+        if !matches!(st.routes.get(&target.port()), Some(Route::UdpEcho)) {
+            return Err(CloseReason::Forbidden);
+        }
+        st.udp_clients.push(client);
+        Ok((self.echo, None))
+    }
+}
+
+/// A UDP echo socket on 127.0.0.1 (runs until the runtime ends).
+async fn udp_echo() -> SocketAddr {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
 }

@@ -35,17 +35,23 @@ pub enum StreamKind {
     Control,
     /// Tag 1: one relayed TCP connection.
     TcpRelay(RelayTarget),
-    /// Tag 2: one UDP flow, carried as [length-prefixed datagrams](super::datagram).
+    /// Tag 2: one UDP flow as a stream of its own (`len: u16 BE ‖ bytes` per datagram). Only
+    /// decoded: this version carries UDP on the [`Datagrams`](StreamKind::Datagrams) channel
+    /// and answers this kind with [`RelayStatus::Error`](super::RelayStatus).
     UdpFlow(RelayTarget),
     /// Tag 3: the answer to a [`DialBack`](super::DialBack) request; the opener writes a
     /// [`RelayStatus`](super::RelayStatus) right after the header.
     DialBack(DialBackId),
+    /// Tag 4: the session's datagram channel ([channel frames](super::channel)), opened by
+    /// the forwarder once both sides list [`caps::UDP_CHANNEL`](super::caps::UDP_CHANNEL);
+    /// always `Raw` (its frames delimit themselves), no status.
+    Datagrams,
 }
 
 impl StreamKind {
     /// How many kinds this version knows: a header tag at or above it is
     /// [`ProtoError::UnknownType`].
-    pub const TAGS: u32 = 4;
+    pub const TAGS: u32 = 5;
 }
 
 /// Where a relayed connection or flow goes, and where it came from.

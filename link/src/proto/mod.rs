@@ -3,7 +3,7 @@
 //! This is the complete specification: a peer written from it alone interoperates with
 //! `hostnet-forwarder` and `hostnet-agent`. The code in this module is the reference
 //! implementation; the pure decoders ([`decode_header`], [`decode_status`], [`decode_control`],
-//! [`decode_frame_head`], [`decode_datagram`]) are fuzzed in `fuzz/`.
+//! [`decode_frame_head`], [`channel::decode_frame`]) are fuzzed in `fuzz/`.
 //!
 //! # Roles and streams
 //!
@@ -14,7 +14,7 @@
 //!
 //! * one long-lived **control** stream, opened by the forwarder;
 //! * one **TCP relay** stream per relayed TCP connection;
-//! * one **UDP flow** stream per UDP flow (client address and port, target);
+//! * one **datagram channel** carrying every UDP flow of the session (below);
 //! * one **dial-back** stream per guest-originated connection to a host service, opened by the
 //!   forwarder at the agent's request (so the user configures one address only).
 //!
@@ -71,8 +71,9 @@
 //! StreamHeader { kind: StreamKind, mode: StreamMode }
 //! StreamKind  = 0 Control
 //!             | 1 TcpRelay(RelayTarget)
-//!             | 2 UdpFlow(RelayTarget)
+//!             | 2 UdpFlow(RelayTarget)          (older peers only; see "Datagram channel")
 //!             | 3 DialBack(DialBackId)          DialBackId = u64
+//!             | 4 Datagrams
 //! RelayTarget { target: SocketAddr, client: SocketAddr }
 //! StreamMode  = 0 Raw | 1 Framed
 //! ```
@@ -87,8 +88,8 @@
 //!
 //! # Relay streams and the status
 //!
-//! On a `TcpRelay` or `UdpFlow` stream the acceptor connects to `target` (TCP) or sets up the
-//! flow (UDP), then answers with a **status** in an envelope, before any payload byte:
+//! On a `TcpRelay` stream the acceptor connects to `target`, then answers with a **status** in
+//! an envelope, before any payload byte (an older peer's `UdpFlow` stream is answered `Error`):
 //!
 //! ```text
 //! RelayStatus = 0 Ok | 1 Refused | 2 Forbidden | 3 Unreachable | 4 Timeout
@@ -110,7 +111,7 @@
 //! [`STATUS_TIMEOUT`] is dropped by the agent (its client is reset); a late stream for it is
 //! closed.
 //!
-//! Relay stream state machine (`TcpRelay`, `UdpFlow`):
+//! Relay stream state machine (`TcpRelay`):
 //!
 //! ```text
 //! opener:   write preface+header ─► await status (STATUS_TIMEOUT) ─┬─ Ok ──► payload
@@ -179,25 +180,82 @@
 //! direction short. The real-VM test (`tests/tests/vm.rs`: QEMU, vhost-device-vsock, the agent
 //! in the guest) checks half-close, resets and 64 MiB both ways over this path.
 //!
-//! **Connection caps.** Every relayed TCP connection, UDP flow and dial-back is one transport
-//! connection, plus one for the control stream. Firecracker and Cloud Hypervisor allow 1023
+//! **Connection caps.** Every relayed TCP connection and dial-back is one transport
+//! connection, plus one for the control stream and one for the datagram channel (UDP flows,
+//! however many, take none of their own). Firecracker and Cloud Hypervisor allow 1023
 //! connections per vsock device; at the cap the hypervisor turns the host's `CONNECT` away by
 //! closing its unix connection without a reply, as for a port nobody listens on. The
 //! forwarder then gets [`TransportError::NoListener`](crate::transport::TransportError) at once
 //! (or `HandshakeTimeout` after [`Timeouts::handshake`](crate::transport::Timeouts), 5 s, from
 //! a backend that never answers: nothing waits longer) and counts it in `link_open_failed`
-//! (`hostnet-forwarder status`): a host TCP client is reset (warning logged), a new UDP flow's
-//! datagrams are dropped (`udp_datagrams_dropped`), and a dial-back is abandoned, so the agent
+//! (`hostnet-forwarder status`): a host TCP client is reset (warning logged), and a dial-back
+//! is abandoned, so the agent
 //! resets its guest client when no stream has come within [`STATUS_TIMEOUT`]. Established
 //! relays and the control stream are untouched, and the next connection succeeds once one has
 //! closed. To refuse before the hypervisor does, run the forwarder with
 //! `--max-streams 1000` (its own limit, counted in `streams_refused`; the default, 8192, is
 //! above the cap). Multiplexing streams over fewer connections is a later protocol step.
 //!
-//! On a UDP flow stream the payload is a sequence of **datagrams**, each `len: u16 BE ‖ len
-//! bytes` ([`encode_datagram`]), both ways; an idle flow is closed by either side (the header
-//! and status carry no timer: each side applies its own idle timeout, refreshed by traffic in
-//! either direction).
+//! # Datagram channel
+//!
+//! UDP does not get a stream per flow: every UDP flow of a session, in both directions, rides
+//! one **datagram channel**. Once both `Hello`s list [`caps::UDP_CHANNEL`], the forwarder opens
+//! one stream with header `{Datagrams, Raw}` (no status; the agent closes any other mode, and
+//! a second channel replaces the first). Both sides then write **channel frames** on it
+//! ([`channel`]; big-endian):
+//!
+//! ```text
+//! DATA   0x01 ‖ flow: u32 ‖ len: u16 ‖ len bytes
+//! OPEN   0x02 ‖ flow: u32 ‖ target: Addr ‖ client: Addr ‖ len: u16 ‖ len bytes
+//! CLOSE  0x03 ‖ flow: u32 ‖ reason: u8
+//! Addr   = 0x04 ‖ 4 octets ‖ port: u16  |  0x06 ‖ 16 octets ‖ port: u16
+//! reason = 0 Idle | 1 Evicted | 2 Refused | 3 Forbidden | 4 Unreachable | 5 Unknown | 6 Gone
+//! ```
+//!
+//! * A **flow** is one client of a listening socket on one side (a host client of a mirrored
+//!   guest listener, or a VM client of a mirrored host listener). Its side (the *opener*)
+//!   picks the id: the forwarder's flows have bit 31 clear, the agent's have it set
+//!   ([`channel::AGENT_FLOW`]); 0 and `0x8000_0000` are never used. The opener sends the
+//!   client's first datagram as OPEN, with `target` (as in [`RelayTarget`]: the address the
+//!   receiver sends to, an unspecified address meaning that family's loopback) and `client`;
+//!   later datagrams as DATA. Nothing waits: there is no answer to an OPEN.
+//! * The receiver of an OPEN (the *dialer*) checks `target` against its policy (the agent:
+//!   a VM-loopback port listening now; the forwarder: a reported host listener that the
+//!   reverse rules allow), makes a UDP socket on that family's loopback connected to it,
+//!   sends the datagram, and sends the target's replies back as DATA of the same flow. A
+//!   target it turns away is answered with CLOSE (`Forbidden`, `Unreachable`; `Refused` also
+//!   when ICMP port unreachable comes back on the socket later), which the opener counts and
+//!   logs. An OPEN for a flow the dialer has is a DATA; an OPEN with the dialer's own id bit
+//!   is ignored (counted).
+//! * A **CLOSE** ends a flow on the receiver's side. Either side closes a flow idle for its
+//!   own timeout (`Idle`), the least recently used flow when its flow limit is reached
+//!   (`Evicted`), a flow whose listener closed (`Gone`), and answers DATA for an id of the
+//!   peer's that it does not know with `Unknown` (it closed the flow while the datagram was
+//!   on its way: the datagram is lost, the opener forgets the flow and opens it afresh with
+//!   the client's next datagram). DATA for an unknown id of one's own is dropped. Since every
+//!   close is told, the two sides' limits and timeouts never disagree into refusals: a flow
+//!   one side dropped is reopened, not refused.
+//! * Frames of different flows interleave freely; each frame is written whole. A sender never
+//!   blocks on the channel: when it cannot take a frame now (its queue towards the peer holds
+//!   more than 4 MiB), the datagram is dropped and counted, as a congested network would.
+//!   A malformed frame (unknown type, unknown address family or close reason) ends the
+//!   channel; the stream ending ends every flow.
+//! * On `quic://` each frame other than CLOSE goes as one QUIC datagram (RFC 9221, exactly one
+//!   frame per datagram; a datagram with a bad or partial frame is dropped and counted) when it
+//!   fits the connection's current datagram size, otherwise on the channel stream, whole. So
+//!   every datagram up to [`MAX_DATAGRAM`] is delivered whole on every transport; QUIC
+//!   datagrams may be lost or reordered like the UDP they carry, CLOSE never is.
+//!
+//! Limits: a datagram is at most [`MAX_DATAGRAM`] (65,535) bytes (its `u16` length cannot say
+//! more); a frame at most [`channel::MAX_FRAME`] bytes; a receiver needs no more than
+//! [`channel::MAX_FRAME_HEAD`] (45) bytes to know a frame's length.
+//!
+//! **Old peers.** Until this channel, each flow was a `UdpFlow` stream (tag 2, capability
+//! `udp`). Neither side lists `udp` any more: an older forwarder then mirrors no UDP listener
+//! (TCP goes on), and a `UdpFlow` stream that arrives anyway is answered
+//! `Error("UDP flow streams are not supported ...")`; a newer forwarder facing an older agent
+//! (no [`caps::UDP_CHANNEL`]) mirrors no UDP listener and says so in a warning. Upgrade both
+//! halves together for UDP.
 //!
 //! # Control stream
 //!
@@ -300,12 +358,13 @@
 //!   [`ListenerSet`] and [`diff`], the pure listener-set state.
 //! * [`framed`]: [`Framed`], the framed-mode adaptor, [`PayloadStream`] (raw or framed, as
 //!   the header says), and [`decode_frame_head`].
-//! * [`datagram`]: the datagram codec of UDP flow streams.
+//! * [`channel`]: the frames of the datagram channel (the channel itself is
+//!   [`crate::udp`]).
 
 use std::time::Duration;
 
+pub mod channel;
 pub mod control;
-pub mod datagram;
 mod envelope;
 mod error;
 pub mod framed;
@@ -317,7 +376,6 @@ pub use control::{
     Hello, Listener, ListenerSet, MirrorState, Proto, Resync, Role, Side, Snapshot, decode_control,
     diff, encode_control, read_control, write_control,
 };
-pub use datagram::{decode_datagram, encode_datagram, read_datagram, write_datagram};
 pub use error::ProtoError;
 pub use framed::{FrameHead, Framed, PayloadStream, decode_frame_head};
 pub use header::{
@@ -348,7 +406,7 @@ pub const MAX_MIRROR_REASON: usize = 256;
 pub const MAX_MIRROR_HOSTS: usize = 64;
 /// Limit on a data frame's payload in framed mode.
 pub const MAX_FRAME_DATA: u32 = 256 * 1024;
-/// Limit on a datagram of a UDP flow stream.
+/// Limit on a datagram of a UDP flow (the `u16` length of a channel frame).
 pub const MAX_DATAGRAM: usize = 65_535;
 
 /// How long an acceptor waits for the whole preface and header.
@@ -367,8 +425,8 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Capability names for [`Hello::capabilities`].
 pub mod caps {
-    /// UDP flow streams.
-    pub const UDP: &str = "udp";
+    /// UDP flows on the session's datagram channel (a `Datagrams` stream).
+    pub const UDP_CHANNEL: &str = "udp-channel";
     /// The forwarder's listeners are mirrored into the VM (`Snapshot{Host}`).
     pub const REVERSE: &str = "reverse";
     /// The agent may send `DialBack` requests.
