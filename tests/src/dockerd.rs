@@ -798,8 +798,8 @@ impl Dockerd<'_> {
                 Some(ProxyProc {
                     pid,
                     argv,
-                    rss_kib: status_field(&status, "VmRSS:")?,
-                    threads: status_field(&status, "Threads:")?,
+                    rss_kib: crate::process::status_field(&status, "VmRSS:")?,
+                    threads: crate::process::status_field(&status, "Threads:")?,
                 })
             })
             .collect()
@@ -889,17 +889,6 @@ fn ppid(pid: i32) -> Option<i32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// A numeric field of `/proc/<pid>/status` (`VmRSS:   123 kB` gives 123).
-fn status_field(status: &str, name: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,9 +925,9 @@ mod tests {
     #[test]
     fn stat_and_status_fields_parse() {
         assert_eq!(
-            status_field("Name:\tx\nVmRSS:\t  812 kB\nThreads:\t1\n", "VmRSS:"),
+            crate::process::status_field("Name:\tx\nVmRSS:\t  812 kB\nThreads:\t1\n", "VmRSS:"),
             Some(812)
         );
-        assert_eq!(status_field("Threads:\t5\n", "Threads:"), Some(5));
+        assert_eq!(crate::process::status_field("Threads:\t5\n", "Threads:"), Some(5));
     }
 }

@@ -207,6 +207,23 @@ impl Proc {
 }
 
 /// The last `max` bytes of `s` (on a char boundary).
+/// A numeric field of `/proc/<pid>/status` (`VmRSS:   123 kB` gives 123).
+pub fn status_field(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The resident set of a process, KiB.
+pub fn rss_kib(pid: Pid) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_field(&status, "VmRSS:")
+}
+
 pub fn tail(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
