@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hostnet_link::proto::{self, Proto, RelayTarget, StreamKind, StreamMode};
+use hostnet_link::proto::{Proto, RelayTarget, StreamKind, StreamMode};
 use hostnet_link::udp;
 use socket2::{Domain, Protocol as SockProto, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -55,6 +55,8 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
+    // Best effort: a smaller buffer only means earlier drops under a burst.
+    let _ = s.set_recv_buffer_size(udp::LISTENER_RECV_BUFFER);
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
@@ -224,22 +226,10 @@ async fn udp_loop(
     let sock = Arc::new(sock);
     let tally: Arc<dyn udp::Tally> = b.traffic.clone();
     let listener = channel.listener(sock.clone(), b.target(), Some(tally));
-    let mut buf = vec![0u8; proto::MAX_DATAGRAM];
-    loop {
-        let (n, client) = tokio::select! {
-            () = b.cancel.cancelled() => break,
-            () = session.cancelled() => break,
-            () = channel.closed() => break,
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // ICMP errors of earlier sends surface here on some systems; keep going.
-                    tracing::debug!(error = %e, "recv_from failed");
-                    continue;
-                }
-            },
-        };
-        listener.datagram(client, &buf[..n]);
+    tokio::select! {
+        () = b.cancel.cancelled() => {}
+        () = session.cancelled() => {}
+        () = listener.pump(&sock) => {}
     }
     tracing::info!("host UDP socket closed");
 }

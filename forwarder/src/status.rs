@@ -279,10 +279,18 @@ pub fn render_table(r: &StatusReport) -> String {
         }
     }
     let c = &r.counters;
+    if c.udp_flows > 0 || c.udp_flows_opened > 0 || c.udp_flows_accepted > 0 {
+        let _ = writeln!(
+            out,
+            "UDP flows: {} open ({} from host clients, {} from the guest so far)",
+            c.udp_flows, c.udp_flows_opened, c.udp_flows_accepted
+        );
+    }
     let limits = [
         ("streams refused (limit)", c.streams_refused),
         ("UDP flows refused", c.udp_flows_refused),
         ("UDP flows evicted", c.udp_flows_evicted),
+        ("UDP flows closed idle", c.udp_flows_expired),
         ("datagrams dropped", c.udp_datagrams_dropped),
         ("link open failures", c.link_open_failed),
         ("dial-backs denied (reverse rules)", c.dial_backs_denied),

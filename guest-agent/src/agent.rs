@@ -1,61 +1,21 @@
-//! The agent's shared state, its discovery feed and the per-stream dispatch.
+//! The agent: its discovery feed, its accept loops and the per-stream dispatch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
-use hostnet_link::discovery::{self, Event, Options, Protocol, Watcher, WatcherHandle};
-use hostnet_link::proto::{self, DialBackId, ProtoError, StreamKind, StreamMode};
+use hostnet_link::discovery::{self, Event, Options, Watcher};
+use hostnet_link::proto::{self, DialBackId, ProtoError, StreamKind};
 use hostnet_link::transport::{Listener, Stream};
 use hostnet_link::udp;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ports::PortFilter;
+pub use crate::shared::AgentConfig;
+use crate::shared::{Counters, Shared, lock};
 use crate::{control, relay};
-
-/// What the agent does, apart from where it listens.
-#[derive(Debug, Clone)]
-pub struct AgentConfig {
-    /// `--allow` / `--deny`.
-    pub filter: PortFilter,
-    /// Idle timeout of a UDP flow (`--udp-timeout`).
-    pub udp_timeout: Duration,
-    /// Concurrent TCP relays, forward and reverse (`--max-streams`).
-    pub max_streams: usize,
-    /// UDP flows open at once, forward and reverse (`--max-udp-flows`); at the limit the least
-    /// recently used is closed.
-    pub max_udp_flows: usize,
-    /// Discovery poll interval.
-    pub discovery_interval: Duration,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        Self {
-            filter: PortFilter::default(),
-            udp_timeout: Duration::from_secs(120),
-            max_streams: 4096,
-            max_udp_flows: 4096,
-            discovery_interval: discovery::DEFAULT_INTERVAL,
-        }
-    }
-}
-
-/// Counters of events worth knowing about (limits biting, refusals, bad peers).
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub streams: AtomicU64,
-    pub handshake_errors: AtomicU64,
-    pub forbidden: AtomicU64,
-    pub streams_full: AtomicU64,
-    pub sessions: AtomicU64,
-    pub dial_backs: AtomicU64,
-    pub dial_back_failed: AtomicU64,
-}
 
 /// A snapshot of the agent's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,101 +36,6 @@ pub struct Stats {
     pub dial_backs: u64,
     /// Dial-backs that failed (no stream in time, bad status).
     pub dial_back_failed: u64,
-}
-
-/// The control session in charge: a new control stream cancels it and waits (briefly) for
-/// `done` to resolve, which happens when its reverse listeners are gone.
-pub(crate) struct SessionSlot {
-    pub id: u64,
-    pub cancel: CancellationToken,
-    pub done: oneshot::Receiver<()>,
-}
-
-/// A dial-back stream delivered to the task that asked for it.
-pub(crate) type DialBackDelivery = (Stream, StreamMode);
-
-pub(crate) struct Shared {
-    pub config: AgentConfig,
-    /// The latest discovery set (after the agent's own exclusions, before the report filter).
-    pub guest: watch::Receiver<Arc<discovery::ListenerSet>>,
-    pub watcher: WatcherHandle,
-    pub streams: Arc<Semaphore>,
-    pub counters: Counters,
-    /// The datagram channels' counters.
-    pub udp: Arc<udp::Counters>,
-    /// The current session's datagram channel, once the forwarder has opened it.
-    pub channel: watch::Sender<Option<udp::Channel>>,
-    /// The current control session.
-    pub session: Mutex<Option<SessionSlot>>,
-    pub next_session: AtomicU64,
-    /// Dial-back requests waiting for their stream.
-    pub pending: Mutex<HashMap<u64, oneshot::Sender<DialBackDelivery>>>,
-    pub next_dial_back: AtomicU64,
-    /// Ports bound as reverse mirrors (refcounted), kept out of discovery (loop prevention).
-    pub mirrored: Mutex<BTreeMap<(Protocol, u16), usize>>,
-    pub root: CancellationToken,
-}
-
-/// Locks a mutex, ignoring poisoning (the data are plain maps that stay consistent).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Shared {
-    /// The listener set the agent reports right now.
-    pub fn report(&self) -> BTreeSet<proto::Listener> {
-        crate::policy::report(self.guest.borrow().iter(), &self.config.filter)
-    }
-
-    /// Marks a port as mirrored for the host until the guard drops.
-    pub fn mirror_guard(self: &Arc<Self>, proto: Protocol, port: u16) -> MirrorGuard {
-        let changed = {
-            let mut m = lock(&self.mirrored);
-            let n = m.entry((proto, port)).or_insert(0);
-            *n += 1;
-            *n == 1
-        };
-        if changed {
-            self.push_exclusions();
-        }
-        MirrorGuard {
-            shared: self.clone(),
-            key: (proto, port),
-        }
-    }
-
-    fn push_exclusions(&self) {
-        let ports: BTreeSet<(Protocol, u16)> = lock(&self.mirrored).keys().copied().collect();
-        self.watcher.set_excluded_ports(ports);
-    }
-}
-
-/// Keeps a (protocol, port) out of the reported set while a reverse mirror holds it.
-pub(crate) struct MirrorGuard {
-    shared: Arc<Shared>,
-    key: (Protocol, u16),
-}
-
-impl Drop for MirrorGuard {
-    fn drop(&mut self) {
-        let changed = {
-            let mut m = lock(&self.shared.mirrored);
-            match m.get_mut(&self.key) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                Some(_) => {
-                    m.remove(&self.key);
-                    true
-                }
-                None => false,
-            }
-        };
-        if changed {
-            self.shared.push_exclusions();
-        }
-    }
 }
 
 /// Why the agent could not start.
@@ -366,18 +231,3 @@ async fn handle_stream(shared: Arc<Shared>, mut stream: Stream) {
         }
     }
 }
-
-/// Removes a pending dial-back when its waiter goes away (answered, timed out or aborted).
-pub(crate) struct PendingGuard {
-    pub shared: Arc<Shared>,
-    pub id: u64,
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        lock(&self.shared.pending).remove(&self.id);
-    }
-}
-
-/// A dial-back request for the current control session to send.
-pub(crate) type DialBackTx = mpsc::Sender<proto::DialBack>;

@@ -6,6 +6,9 @@
 //!
 //! * [`app`]: the command line (`run`, `ports`), logging, `--exec`, signals.
 //! * [`agent`]: [`Agent`]: discovery feed, accept loops, per-stream dispatch by header kind.
+//! * `shared`: what every task shares ([`AgentConfig`], the discovery feed, limits, counters,
+//!   the current session and datagram channel); the other modules depend on it, it on none
+//!   of them.
 //! * `control`: the control session (Hello, guest snapshot and changes, resync, heartbeats,
 //!   host listener set, dial-back requests); one at a time, a new one replaces the old.
 //! * `relay`: TCP relays (half-close and reset carried both ways).
@@ -26,6 +29,7 @@ pub mod policy;
 pub mod ports;
 mod relay;
 mod reverse;
+mod shared;
 pub mod sys;
 mod udp;
 

@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::agent::Shared;
 use crate::policy;
+use crate::shared::Shared;
 
 /// Writes the status, bounded: a peer that does not read is not waited for.
 async fn answer(stream: &mut Stream, status: &RelayStatus) -> bool {

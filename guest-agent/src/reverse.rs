@@ -16,6 +16,7 @@ use hostnet_link::proto::{
     Snapshot,
 };
 use hostnet_link::transport::Stream;
+use hostnet_link::udp;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
@@ -23,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
-use crate::agent::{DialBackTx, PendingGuard, Shared, lock};
 use crate::policy::{self, MirrorKey};
 use crate::relay;
+use crate::shared::{DialBackTx, PendingGuard, Shared, lock};
 
 /// First and longest pause between attempts to bind a port that is taken in the VM.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
@@ -308,6 +309,8 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
+    // Best effort: a smaller buffer only means earlier drops under a burst.
+    let _ = s.set_recv_buffer_size(udp::LISTENER_RECV_BUFFER);
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
@@ -356,7 +359,7 @@ async fn bind_retry<T>(
 /// can never see a mirror that is no longer excluded (which would loop it back to the host).
 struct Held<T> {
     io: T,
-    _guard: crate::agent::MirrorGuard,
+    _guard: crate::shared::MirrorGuard,
 }
 
 impl<T> std::ops::Deref for Held<T> {
@@ -477,32 +480,37 @@ async fn udp_mirror(ctx: Arc<Ctx>, key: MirrorKey, generation: u64, target: Sock
     };
     tracing::info!("mirroring host listener");
     let mut channels = ctx.shared.channel.subscribe();
-    let mut buf = vec![0u8; proto::MAX_DATAGRAM];
     loop {
         // Registered with the current channel; dropped (its flows closed) before the socket.
         let listener = channels
             .borrow_and_update()
             .as_ref()
             .map(|c| c.listener(sock.io.clone(), target, None));
-        loop {
-            tokio::select! {
-                r = sock.recv_from(&mut buf) => match r {
-                    Ok((n, client)) => match &listener {
-                        Some(l) => l.datagram(client, buf.get(..n).unwrap_or_default()),
-                        None => {
-                            ctx.shared.udp.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(%client, "no datagram channel yet; datagram dropped");
-                        }
-                    },
-                    Err(e) => tracing::debug!(error = %e, "UDP receive failed"),
-                },
-                changed = channels.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    break;
-                }
+        let pump = async {
+            match &listener {
+                Some(l) => l.pump(&sock.io).await,
+                // No channel (yet): datagrams are read and dropped, counted.
+                None => drop_all(&ctx, &sock.io).await,
             }
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = pump => {}
+            changed = channels.changed() => if changed.is_err() {
+                return;
+            },
         }
+    }
+}
+
+/// Reads and drops a mirror's datagrams while there is no datagram channel, counting them.
+async fn drop_all(ctx: &Ctx, sock: &UdpSocket) {
+    let mut buf = [0u8; 64];
+    while let Ok((_, client)) = sock.recv_from(&mut buf).await {
+        ctx.shared
+            .udp
+            .datagrams_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%client, "no datagram channel yet; datagram dropped");
     }
 }

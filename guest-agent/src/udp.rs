@@ -10,8 +10,8 @@ use hostnet_link::proto::{Proto, StreamMode};
 use hostnet_link::transport::Stream;
 use hostnet_link::udp::{self, Channel, Tally};
 
-use crate::agent::Shared;
 use crate::policy;
+use crate::shared::Shared;
 
 /// Admits the forwarder's flows: a UDP port listening on the VM's loopback now, allowed by
 /// `--allow`/`--deny` (the same check as a TCP relay).

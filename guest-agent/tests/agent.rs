@@ -862,7 +862,15 @@ async fn a_new_control_stream_replaces_the_old_session() {
         second.next().await,
         Some(ControlMessage::Snapshot(_))
     ));
-    assert!(first.next().await.is_none(), "the old session stays open");
+    // Other tests open and close listeners meanwhile: the old session may still report
+    // their changes before it ends.
+    loop {
+        match first.next().await {
+            None => break,
+            Some(ControlMessage::Changes(_)) => {}
+            Some(m) => panic!("the old session stays open: {m:?}"),
+        }
+    }
 }
 
 #[test]

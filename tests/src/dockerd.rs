@@ -928,6 +928,9 @@ mod tests {
             crate::process::status_field("Name:\tx\nVmRSS:\t  812 kB\nThreads:\t1\n", "VmRSS:"),
             Some(812)
         );
-        assert_eq!(crate::process::status_field("Threads:\t5\n", "Threads:"), Some(5));
+        assert_eq!(
+            crate::process::status_field("Threads:\t5\n", "Threads:"),
+            Some(5)
+        );
     }
 }

@@ -147,8 +147,18 @@ pub fn conn_rate(to: SocketAddr, n: usize) -> Result<f64> {
 /// 64-byte datagrams sent as fast as one thread can for `secs` to a server that counts what it
 /// receives in `counter`; (delivered/s, sent/s).
 pub fn udp_rate(to: SocketAddr, counter: &AtomicU64, secs: f64) -> Result<(f64, f64)> {
+    udp_rate_sized(to, counter, secs, 64)
+}
+
+/// [`udp_rate`] with datagrams of `size` bytes.
+pub fn udp_rate_sized(
+    to: SocketAddr,
+    counter: &AtomicU64,
+    secs: f64,
+    size: usize,
+) -> Result<(f64, f64)> {
     let s = UdpSocket::bind(sa(ANY4, 0))?;
-    let msg = [9u8; 64];
+    let msg = vec![9u8; size];
     // Open the flow first.
     let start = counter.load(Ordering::Relaxed);
     if !wait_until(after(Duration::from_secs(3)), || {
@@ -174,6 +184,28 @@ pub fn udp_rate(to: SocketAddr, counter: &AtomicU64, secs: f64) -> Result<(f64, 
     thread::sleep(Duration::from_millis(200));
     let got = counter.load(Ordering::Relaxed) - before;
     Ok((got as f64 / el, sent as f64 / el))
+}
+
+/// The round trip of the first datagram of `n` new flows (a fresh client socket each) to a UDP
+/// echo server, µs; (p50, p99).
+pub fn udp_first_rtt(to: SocketAddr, n: usize) -> Result<(f64, f64)> {
+    let mut lat = Vec::with_capacity(n);
+    let mut back = [0u8; 64];
+    for i in 0..n {
+        let s = UdpSocket::bind(sa(ANY4, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let msg = (i as u64).to_be_bytes();
+        let t = Instant::now();
+        s.send_to(&msg, to)?;
+        let (got, _) = s
+            .recv_from(&mut back)
+            .with_context(|| format!("no echo of a new flow's first datagram via {to}"))?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        if back.get(..got) != Some(&msg[..]) {
+            bail!("a wrong echo via {to}");
+        }
+    }
+    Ok((pct(&mut lat, 50.0), pct(&mut lat, 99.0)))
 }
 
 /// The `p`th percentile (nearest rank) of `v`, which it sorts; NaN when empty.

@@ -237,7 +237,8 @@
 //!   one side dropped is reopened, not refused.
 //! * Frames of different flows interleave freely; each frame is written whole. A sender never
 //!   blocks on the channel: when it cannot take a frame now (its queue towards the peer holds
-//!   more than 4 MiB), the datagram is dropped and counted, as a congested network would.
+//!   1 MiB, about 100 ms of small datagrams at full speed), the datagram is dropped and
+//!   counted, as a congested network would drop it, rather than delivered late.
 //!   A malformed frame (unknown type, unknown address family or close reason) ends the
 //!   channel; the stream ending ends every flow.
 //! * On `quic://` each frame other than CLOSE goes as one QUIC datagram (RFC 9221, exactly one

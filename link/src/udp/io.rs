@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 
-use super::{Counters, Inner, bump, lock};
+use super::{Counters, Inner, batch, bump, lock};
 use crate::proto::channel::{self, CloseReason, Frame};
 use crate::proto::{self, ProtoError};
 use crate::transport::Stream;
@@ -20,7 +20,7 @@ const READ_BUF: usize = 256 * 1024;
 /// Fresh room for QUIC datagrams, carved into one `Bytes` per datagram.
 const QUIC_CHUNK: usize = 64 * 1024;
 /// Datagrams drained from one dialed socket before other work gets a turn.
-const DRAIN_BATCH: usize = 64;
+pub(super) const DRAIN_BATCH: usize = 64;
 
 thread_local! {
     /// The buffer a dialed socket's datagram is received into, shared by every flow of the
@@ -195,6 +195,24 @@ async fn read_stream(inner: Weak<Inner>, mut rd: ReadHalf<Stream>) {
         let mut at = 0;
         let err = loop {
             match channel::decode_frame(&buf[at..]) {
+                // A run of DATA frames of one flow goes out in one batch.
+                Ok(Some((Frame::Data { flow, payload }, used))) => {
+                    let mut run: [&[u8]; batch::MAX] = [&[]; batch::MAX];
+                    run[0] = payload;
+                    let mut n = 1;
+                    at += used;
+                    while n < batch::MAX {
+                        match channel::decode_frame(&buf[at..]) {
+                            Ok(Some((Frame::Data { flow: f, payload }, used))) if f == flow => {
+                                run[n] = payload;
+                                n += 1;
+                                at += used;
+                            }
+                            _ => break,
+                        }
+                    }
+                    i.on_data_run(flow, &run[..n]);
+                }
                 Ok(Some((frame, used))) => {
                     i.on_frame(frame);
                     at += used;

@@ -26,6 +26,7 @@
 //! else on the channel's stream, whole; CLOSE frames always go on the stream (they must not be
 //! lost).
 
+mod batch;
 mod io;
 mod table;
 
@@ -43,8 +44,15 @@ use crate::proto::channel::{AGENT_FLOW, CloseReason, Frame};
 use crate::transport::Stream;
 use table::{Deliver, End, Flow, ListenerEntry, Table};
 
-/// Default limit on the bytes queued towards the peer before datagrams are dropped.
-pub const DEFAULT_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+/// The receive buffer a listening socket asks for (`SO_RCVBUF`; the kernel caps it at
+/// `net.core.rmem_max`, 208 KiB by default on Linux): a burst of a fast sender waits there
+/// while the relay catches up, instead of being dropped by the kernel. Kernel memory, used only
+/// while datagrams wait.
+pub const LISTENER_RECV_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Default limit on the bytes queued towards the peer before datagrams are dropped (about
+/// 100 ms of 64-byte datagrams at full speed: late datagrams are worth less than dropped ones).
+pub const DEFAULT_QUEUE_BYTES: usize = 1024 * 1024;
 
 /// Which side of the session a channel serves: it picks the id bit of the flows it opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,6 +308,34 @@ impl ListenerHandle {
         inner.client_datagram(self.lid, client, payload);
     }
 
+    /// Receives `sock`'s datagrams and hands them to the channel ([`ListenerHandle::datagram`]),
+    /// draining the socket at each wake-up; returns when the channel has ended. `sock` is the
+    /// socket registered for this handle. Cancel-safe: callers select it against their own
+    /// stop conditions.
+    pub async fn pump(&self, sock: &UdpSocket) {
+        let Some(done) = self.inner.upgrade().map(|i| i.done.clone()) else {
+            return;
+        };
+        let mut buf = vec![0u8; crate::proto::MAX_DATAGRAM];
+        loop {
+            tokio::select! {
+                () = done.cancelled() => return,
+                r = sock.readable() => if let Err(e) = r {
+                    tracing::warn!(error = %e, "UDP listener failed");
+                    return;
+                },
+            }
+            for _ in 0..io::DRAIN_BATCH {
+                match sock.try_recv_from(&mut buf) {
+                    Ok((n, client)) => self.datagram(client, &buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    // ICMP errors of earlier sends surface here on some systems; keep going.
+                    Err(e) => tracing::debug!(error = %e, "UDP receive failed"),
+                }
+            }
+        }
+    }
+
     /// Whether the channel this listener belongs to has ended.
     pub fn is_closed(&self) -> bool {
         self.inner.upgrade().is_none_or(|i| i.done.is_cancelled())
@@ -446,11 +482,22 @@ impl Inner {
     }
 
     fn on_data(&self, flow: u32, payload: &[u8]) {
+        self.on_data_run(flow, &[payload]);
+    }
+
+    /// Datagrams of one flow from the peer, sent on in one batch.
+    pub(crate) fn on_data_run(&self, flow: u32, payloads: &[&[u8]]) {
+        let bytes = payloads.iter().map(|p| p.len()).sum();
+        let dropped = |n: usize| {
+            self.counters
+                .datagrams_dropped
+                .fetch_add(n as u64, Ordering::Relaxed)
+        };
         let mut t = lock(&self.table);
-        let Some(deliver) = t.peer_datagram(flow, Instant::now(), payload.len()) else {
+        let Some(deliver) = t.peer_datagram(flow, Instant::now(), bytes) else {
             let peers = !t.is_mine(flow);
             drop(t);
-            bump(&self.counters.datagrams_dropped);
+            dropped(payloads.len());
             // A flow of the peer's that this side closed (idle, evicted) while the datagram
             // was on its way: the peer drops it and reopens with its next datagram.
             if peers {
@@ -462,19 +509,21 @@ impl Inner {
             return;
         };
         drop(t);
-        let sent = match &deliver {
-            Some(Deliver::To(sock, client)) => send_now(sock, payload, Some(*client)),
-            Some(Deliver::Connected(sock)) => send_now(sock, payload, None),
-            None => return bump(&self.counters.datagrams_dropped),
+        let (sent, err) = match &deliver {
+            Some(Deliver::To(sock, client)) => batch::send(sock, Some(*client), payloads),
+            Some(Deliver::Connected(sock)) => batch::send(sock, None, payloads),
+            None => (0, None),
         };
-        if let Err(e) = sent {
-            bump(&self.counters.datagrams_dropped);
+        if sent < payloads.len() {
+            dropped(payloads.len() - sent);
+        }
+        if let Some(e) = err {
             if matches!(deliver, Some(Deliver::Connected(_)))
                 && e.kind() == std::io::ErrorKind::ConnectionRefused
             {
                 self.close_flow(flow, CloseReason::Refused);
             } else {
-                tracing::debug!(flow, error = %e, "UDP send failed; datagram dropped");
+                tracing::debug!(flow, error = %e, "UDP send failed; datagrams dropped");
             }
         }
     }
@@ -557,7 +606,7 @@ impl Inner {
         self.close_all(evicted, CloseReason::Evicted);
         bump(&self.counters.flows_accepted);
         tracing::debug!(flow, %client, %addr, "UDP flow from the peer");
-        if let Err(e) = send_now(&sock, payload, None) {
+        if let Err(e) = batch::send_one(&sock, payload, None) {
             bump(&self.counters.datagrams_dropped);
             tracing::debug!(flow, error = %e, "UDP send failed; datagram dropped");
         }
@@ -575,17 +624,6 @@ impl Inner {
         drop(t);
         self.out.send(&Frame::Data { flow, payload });
         true
-    }
-}
-
-/// Sends one datagram now, straight to the socket (tokio's `try_send` would report a fresh
-/// socket, whose writability the reactor has not seen yet, as busy); a full socket buffer is
-/// `WouldBlock` and the datagram is dropped by the caller, never waited for.
-fn send_now(sock: &UdpSocket, payload: &[u8], to: Option<SocketAddr>) -> std::io::Result<usize> {
-    let s = socket2::SockRef::from(sock);
-    match to {
-        Some(to) => s.send_to(payload, &to.into()),
-        None => s.send(payload),
     }
 }
 
