@@ -85,7 +85,7 @@ fn send_some(sock: &UdpSocket, to: Option<SocketAddr>, datagrams: &[&[u8]]) -> i
             sock.as_raw_fd(),
             msgs.as_mut_ptr(),
             n as libc::c_uint,
-            libc::MSG_DONTWAIT,
+            libc::MSG_DONTWAIT as _,
         )
     };
     if r < 0 {
