@@ -16,7 +16,14 @@
 //!   relay`: vsock → guest TCP, a thread and a 256 KiB buffer per direction): under TCG the
 //!   guest's CPU is the bottleneck, so the hop itself (vsock read, loopback TCP write and read)
 //!   costs most of what hostnet loses against raw; hostnet against relay is the agent's own
-//!   overhead.
+//!   overhead;
+//! * UDP 64 B and 1400 B datagrams delivered per second to a counting sink in the guest, for
+//!   `--udp-secs`: through hostnet (host UDP → forwarder → the datagram channel over hybrid
+//!   vsock → agent → guest UDP; lossy like UDP), raw (the same payloads as `len ‖ bytes`
+//!   frames on one hybrid vsock stream, counted by the sink process directly: no UDP hop, flow
+//!   controlled, lossless) and raw + a minimal relay in the guest (those frames sent on as UDP
+//!   datagrams, one `send` each, to the sink: the hop every design has); the median of
+//!   `--trials`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -31,6 +38,8 @@ use hostnet_e2e::vm::{self, Vm, median};
 const RAW_PORT: u32 = 6000;
 /// The vsock port of the minimal relay (`vm_guest relay`) to the bulk server's TCP port.
 const RELAY_PORT: u32 = 6001;
+/// The vsock port of the UDP sink's count and raw frames (`vm_guest udp-sink`).
+const UDP_PORT: u32 = 6002;
 
 #[derive(Debug, Parser)]
 #[command(about = "hostnet real-VM benchmark: boot, discovery, hostnet vs raw hybrid vsock")]
@@ -47,6 +56,82 @@ struct Args {
     /// MiB per throughput trial.
     #[arg(long, default_value_t = 128)]
     mib: u64,
+    /// Seconds per UDP trial.
+    #[arg(long, default_value_t = 2.0)]
+    udp_secs: f64,
+}
+
+/// The UDP sink's count so far.
+fn sink_count(uds: &std::path::Path) -> Result<u64> {
+    let mut s = vm::hybrid_connect(uds, UDP_PORT, Duration::from_secs(10))?;
+    s.write_all(b"C")?;
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n)?;
+    Ok(u64::from_le_bytes(n))
+}
+
+/// Waits until the sink's count stops growing (100 ms without change); the count.
+fn settled(uds: &std::path::Path) -> Result<u64> {
+    let mut last = sink_count(uds)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = sink_count(uds)?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
+/// Datagrams of `size` sent through hostnet to the sink for `secs`, as fast as one sender can;
+/// delivered per second.
+fn udp_hostnet(uds: &std::path::Path, to: SocketAddr, size: usize, secs: f64) -> Result<f64> {
+    let s = std::net::UdpSocket::bind(sa(LO4, 0))?;
+    let msg = vec![7u8; size];
+    let before = settled(uds)?;
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..32 {
+            let _ = s.send_to(&msg, to);
+        }
+    }
+    let el = t0.elapsed().as_secs_f64();
+    Ok((settled(uds)? - before) as f64 / el)
+}
+
+/// The same payloads as frames on one raw hybrid vsock stream (flow controlled, lossless);
+/// frames counted per second, until the last is counted.
+/// `relay`: the guest sends each frame on as a UDP datagram (lossy), else counts it.
+fn udp_raw(uds: &std::path::Path, size: usize, secs: f64, relay: bool) -> Result<f64> {
+    let before = settled(uds)?;
+    let mut s = vm::hybrid_connect(uds, UDP_PORT, Duration::from_secs(10))?;
+    s.write_all(if relay { b"U" } else { b"D" })?;
+    let mut frame = (size as u16).to_be_bytes().to_vec();
+    frame.resize(2 + size, 7);
+    let batch = frame.repeat(32);
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        s.write_all(&batch)?;
+        sent += 32;
+    }
+    drop(s);
+    if relay {
+        // Lossy: what arrived once the relay has drained, per second of sending.
+        let el = t0.elapsed().as_secs_f64();
+        return Ok((settled(uds)? - before) as f64 / el);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink_count(uds)? - before < sent {
+        if Instant::now() > deadline {
+            bail!(
+                "the sink counted {} of {sent} raw frames",
+                sink_count(uds)? - before
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(sent as f64 / t0.elapsed().as_secs_f64())
 }
 
 fn head(mode: u8, len: u64) -> Vec<u8> {
@@ -185,6 +270,35 @@ fn main() -> Result<()> {
         );
     }
 
+    // UDP.
+    let pu = free_port();
+    vm.spawn(
+        "udpsink",
+        &format!("vm_guest udp-sink 0.0.0.0:{pu} {UDP_PORT}"),
+    );
+    let ua = sa(LO4, pu);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !hostnet_e2e::net::udp_bound().contains(&ua) {
+        if Instant::now() > deadline {
+            bail!("UDP {ua} not mirrored");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut udp_rows = Vec::new();
+    for size in [64usize, 1400] {
+        let (mut hn, mut rw, mut rl) = (Vec::new(), Vec::new(), Vec::new());
+        for t in 0..args.trials {
+            rw.push(udp_raw(&vm.uds(), size, args.udp_secs, false).context("raw UDP frames")?);
+            rl.push(udp_raw(&vm.uds(), size, args.udp_secs, true).context("UDP relay")?);
+            hn.push(udp_hostnet(&vm.uds(), ua, size, args.udp_secs).context("hostnet UDP")?);
+            eprintln!(
+                "trial {t}: UDP {size} B raw {:.0} relay {:.0} hostnet {:.0} datagrams/s",
+                rw[t], rl[t], hn[t]
+            );
+        }
+        udp_rows.push((size, median(&mut rw), median(&mut rl), median(&mut hn)));
+    }
+
     let (h2g_r, h2g_l, h2g_h) = (
         median(&mut h2g_raw),
         median(&mut h2g_rl),
@@ -251,5 +365,13 @@ fn main() -> Result<()> {
         g2h_h / g2h_r * 100.0,
         g2h_h / g2h_l * 100.0
     );
+    for (size, raw, rl, hn) in udp_rows {
+        println!(
+            "| host→guest UDP {size} B, {} s: raw hybrid vsock frames / raw + minimal relay / hostnet, delivered | {raw:.0} / {rl:.0} / {hn:.0} per s (hostnet {:.1} % of raw, {:.0} % of relay) |",
+            args.udp_secs,
+            hn / raw * 100.0,
+            hn / rl * 100.0
+        );
+    }
     Ok(())
 }

@@ -11,6 +11,13 @@
 //! vm_guest relay VSOCK_PORT ADDR    the minimal relay (benchmark baseline): each vsock
 //!                                    connection to a TCP connection to ADDR, one thread and a
 //!                                    256 KiB buffer per direction
+//! vm_guest udp-sink ADDR VSOCK_PORT UDP sink (benchmark): counts the datagrams arriving on ADDR;
+//!                                    a vsock connection sending `C` gets the count
+//!                                    (`u64 LE`); one sending `D` then `len: u16 BE ‖ len bytes`
+//!                                    frames has each frame counted like a datagram (the raw
+//!                                    vsock path of the same payload); one sending `U` then
+//!                                    frames has each sent as a UDP datagram to ADDR (the
+//!                                    minimal relay in the guest)
 //! vm_guest echo-client ADDR SEED LEN WAIT_SECS
 //!                                    connect (retrying refusals for WAIT_SECS), send LEN PRNG
 //!                                    bytes of SEED, half-close, check the echo and the EOF
@@ -68,6 +75,7 @@ fn main() -> ExitCode {
         Some("bulk") => bulk(&args[1..]),
         Some("echo-client") => echo_client(&args[1..]),
         Some("relay") => relay(&args[1..]),
+        Some("udp-sink") => udp_sink(&args[1..]),
         _ => Err("usage: vm_guest cmd|tcp-echo|udp-echo|bulk|relay|echo-client ...".to_string()),
     };
     match r {
@@ -605,4 +613,76 @@ fn copy_then_shutdown(mut from: TcpStream, mut to: TcpStream) {
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+}
+
+// ---------------------------------------------------------------------------
+// UDP sink
+// ---------------------------------------------------------------------------
+
+fn udp_sink(args: &[String]) -> Result<(), String> {
+    let [addr, port] = args else {
+        return Err("usage: vm_guest udp-sink ADDR VSOCK_PORT".into());
+    };
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?;
+    let port: u32 = port
+        .parse()
+        .map_err(|e| format!("bad vsock port {port:?}: {e}"))?;
+    let sock = UdpSocket::bind(addr).map_err(|e| format!("bind udp {addr}: {e}"))?;
+    let to = SocketAddr::new(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        sock.local_addr().map_err(|e| e.to_string())?.port(),
+    );
+    let listener = vsock_listen(port)?;
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let count = count.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while sock.recv_from(&mut buf).is_ok() {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    ready();
+    loop {
+        let Ok(mut c) = vsock_accept(&listener) else {
+            continue;
+        };
+        let count = count.clone();
+        thread::spawn(move || {
+            let mut mode = [0u8; 1];
+            if c.read_exact(&mut mode).is_err() {
+                return;
+            }
+            match mode[0] {
+                b'C' => {
+                    let n = count.load(std::sync::atomic::Ordering::Relaxed);
+                    let _ = c.write_all(&n.to_le_bytes());
+                }
+                mode @ (b'D' | b'U') => {
+                    let out = UdpSocket::bind("127.0.0.1:0").ok();
+                    let mut r = BufReader::with_capacity(256 * 1024, c);
+                    let mut len = [0u8; 2];
+                    let mut buf = vec![0u8; 65_536];
+                    while r.read_exact(&mut len).is_ok() {
+                        let n = usize::from(u16::from_be_bytes(len));
+                        if r.read_exact(&mut buf[..n]).is_err() {
+                            break;
+                        }
+                        match (mode, &out) {
+                            (b'U', Some(out)) => {
+                                let _ = out.send_to(&buf[..n], to);
+                            }
+                            _ => {
+                                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                m => eprintln!("udp-sink: unknown mode {m}"),
+            }
+        });
+    }
 }
