@@ -125,3 +125,34 @@ async fn udp_flows_reply_to_the_right_client_from_the_targeted_address_and_expir
             .is_some()
     );
 }
+
+/// A target the agent turns away: the forwarder counts the refusal it is told about (a CLOSE
+/// frame), and the client's next datagram tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_the_agent_refuses_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let p = free_udp_port();
+    // A UDP guest listener with no route: the fake agent answers Forbidden.
+    let _agent = FakeAgent::start(&path, vec![udp_guest("127.0.0.1", p)], vec![]).await;
+    let fwd = forwarder_with(&path, None, |_| {});
+    let shutdown = CancellationToken::new();
+    let _guard = shutdown.clone().drop_guard();
+    {
+        let (f, s) = (fwd.clone(), shutdown.clone());
+        tokio::spawn(async move { f.run(s).await });
+    }
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to: SocketAddr = ([127, 0, 0, 1], p).into();
+    eventually("a refusal counted", Duration::from_secs(5), || {
+        let (s, fwd) = (&s, fwd.clone());
+        async move {
+            let _ = s.send_to(b"anyone?", to).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            (fwd.status().counters.udp_flows_refused >= 2).then_some(())
+        }
+    })
+    .await;
+    let c = fwd.status().counters;
+    assert_eq!(c.udp_flows, 0, "a refused flow is gone: {c:?}");
+}

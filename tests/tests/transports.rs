@@ -56,6 +56,14 @@ fn host_reset_and_udp_sizes_over_quic() {
     let mut b = Bridge::builder(Transport::Quic).start();
     scenario::reset_from_host(&mut b);
     scenario::udp_sizes(&mut b);
+    // Small datagrams rode QUIC datagrams, the ones larger than the path's datagram size (9000
+    // and 60,000 bytes, both ways) the channel's stream: the forwarder counts its two.
+    let counters = b.status_json().unwrap()["counters"].clone();
+    let on_stream = counters["udp_sent_on_stream"].as_u64().unwrap_or(0);
+    assert!(
+        (2..=4).contains(&on_stream),
+        "expected the forwarder to send 2 large datagrams (and a retry at most) on the stream, not the small ones: {counters}"
+    );
 }
 
 /// `--expose ADDR` binds the mirrored port on that host address as well (here the host end of
