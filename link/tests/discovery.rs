@@ -2,7 +2,8 @@
 //!
 //! Our own sockets are excluded by default, so most tests turn `exclude_own_process` off for the
 //! sockets they open; `child_process_listener_is_reported_and_own_is_not` uses a child process to
-//! prove the exclusion. Nothing here needs root.
+//! prove the exclusion. Nothing here needs root, except the event-mode watcher test (perf
+//! tracepoints), which fails without it unless `HOSTNET_SKIP_PRIVILEGED=1`.
 //!
 //! sock_diag is Linux's: on other hosts this file is empty.
 
@@ -16,7 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hostnet_link::discovery::{
-    self, Event, Listener, ListenerSet, Options, Protocol, Watcher, ephemeral_port_range,
+    self, Event, Listener, ListenerSet, Mode, Options, Protocol, WatchConfig, Watcher,
+    ephemeral_port_range,
 };
 use socket2::{Domain, Socket, Type};
 
@@ -374,6 +376,110 @@ async fn watcher_reports_new_listener_then_removal() {
     assert!(stats.polls > 0 && stats.events >= 2, "{stats:?}");
     assert_eq!(stats.errors, 0);
     assert_eq!(stats.malformed, 0);
+    handle.stop();
+}
+
+/// A watcher that can only see a change through kernel events within a test's deadline: its
+/// periodic dump is an hour away.
+fn events_only(force_poll: bool) -> WatchConfig {
+    WatchConfig {
+        force_poll,
+        poll_interval: Duration::from_secs(3600),
+        safety_interval: Duration::from_secs(3600),
+    }
+}
+
+async fn first_snapshot(rx: &mut tokio::sync::mpsc::Receiver<Event>) -> ListenerSet {
+    match next_event(rx, Instant::now() + Duration::from_secs(2)).await {
+        Event::Snapshot(s) => s,
+        other => panic!("first event is not a snapshot: {other:?}"),
+    }
+}
+
+/// Event mode (root: perf tracepoints): a new TCP listener, a new UDP socket, and their closing
+/// are all reported although the watcher's own dump interval is an hour.
+#[tokio::test]
+async fn event_mode_reports_tcp_and_udp_listeners_without_polling() {
+    let (handle, mut rx) = Watcher::spawn_with(own_included(), events_only(false)).unwrap();
+    if handle.mode() != Mode::Events {
+        let skip = std::env::var("HOSTNET_SKIP_PRIVILEGED").is_ok_and(|v| v == "1");
+        assert!(
+            skip,
+            "the watcher fell back to polling (see the info log line; needs root, perf and \
+             tracefs); HOSTNET_SKIP_PRIVILEGED=1 skips this test"
+        );
+        eprintln!("note: event mode unavailable; skipped (HOSTNET_SKIP_PRIVILEGED=1)");
+        return;
+    }
+    let mut set = first_snapshot(&mut rx).await;
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_ino = inode_of(&tcp);
+    wait_for(&mut rx, &mut set, "the TCP listener", |s| {
+        by_inode(s, tcp_ino).is_some()
+    })
+    .await;
+    let udp = udp_outside_ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let udp_ino = inode_of(&udp);
+    wait_for(&mut rx, &mut set, "the UDP socket", |s| {
+        by_inode(s, udp_ino).is_some()
+    })
+    .await;
+    drop(tcp);
+    wait_for(&mut rx, &mut set, "the TCP listener's removal", |s| {
+        by_inode(s, tcp_ino).is_none()
+    })
+    .await;
+    drop(udp);
+    wait_for(&mut rx, &mut set, "the UDP socket's removal", |s| {
+        by_inode(s, udp_ino).is_none()
+    })
+    .await;
+    let stats = handle.stats();
+    assert_eq!(stats.mode, Mode::Events);
+    assert!(stats.kernel_events >= 4, "{stats:?}");
+    handle.stop();
+}
+
+/// Forced polling (what an unprivileged process gets): additions come with the poll, removals
+/// at once through the sock_diag destroy announcements, which need no privilege.
+#[tokio::test]
+async fn poll_mode_when_forced_polls_and_sees_removals_at_once() {
+    let config = WatchConfig {
+        force_poll: true,
+        poll_interval: Duration::from_millis(20),
+        ..WatchConfig::default()
+    };
+    let (handle, mut rx) = Watcher::spawn_with(own_included(), config).unwrap();
+    assert_eq!(handle.mode(), Mode::Poll);
+    let mut set = first_snapshot(&mut rx).await;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ino = inode_of(&l);
+    wait_for(&mut rx, &mut set, "the new listener", |s| {
+        by_inode(s, ino).is_some()
+    })
+    .await;
+    assert_eq!(handle.stats().mode, Mode::Poll);
+    drop(handle);
+
+    // Removals without a poll: listeners present at the start, then closed.
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp = udp_outside_ephemeral(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let (tcp_ino, udp_ino) = (inode_of(&tcp), inode_of(&udp));
+    let (handle, mut rx) = Watcher::spawn_with(own_included(), events_only(true)).unwrap();
+    assert_eq!(handle.mode(), Mode::Poll);
+    let mut set = first_snapshot(&mut rx).await;
+    assert!(by_inode(&set, tcp_ino).is_some() && by_inode(&set, udp_ino).is_some());
+    drop(tcp);
+    wait_for(&mut rx, &mut set, "the TCP listener's removal", |s| {
+        by_inode(s, tcp_ino).is_none()
+    })
+    .await;
+    drop(udp);
+    wait_for(&mut rx, &mut set, "the UDP socket's removal", |s| {
+        by_inode(s, udp_ino).is_none()
+    })
+    .await;
+    assert!(handle.stats().kernel_events >= 2, "{:?}", handle.stats());
     handle.stop();
 }
 

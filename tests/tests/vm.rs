@@ -133,6 +133,22 @@ fn real_vm() {
     );
 
     run.scenario(
+        "discovery in the guest runs on kernel events (perf tracepoints), not polling",
+        |r| {
+            // The agent logs its discovery mode once, at start, to the console.
+            let console = r.vm.console();
+            let line = console
+                .lines()
+                .find(|l| l.contains("discovery: "))
+                .unwrap_or("(no discovery line)");
+            assert!(
+                line.contains("discovery: kernel events"),
+                "the guest agent's discovery is not event-driven: {line}"
+            );
+        },
+    );
+
+    run.scenario(
         "discovery: started after the forwarder, then stopped",
         |r| {
             let p = free_port();

@@ -14,8 +14,10 @@ pub(super) fn start() -> Result<Arc<dyn HostListeners>, StartError> {
     Ok(LinuxHostListeners::start(Default::default())?)
 }
 
-/// The Linux host's listeners, from a `hostnet_link::discovery::Watcher` (polls every 50 ms;
-/// leaves out this process's own sockets and UDP sockets on ephemeral ports).
+/// The Linux host's listeners, from a `hostnet_link::discovery::Watcher` (kernel listen/bind
+/// events as root, else a poll every second with removals announced at once; see
+/// `hostnet_link::discovery`; `HOSTNET_DISCOVERY=poll` forces polling). Leaves out this
+/// process's own sockets and UDP sockets on ephemeral ports.
 #[derive(Debug)]
 pub struct LinuxHostListeners {
     handle: Mutex<discovery::WatcherHandle>,

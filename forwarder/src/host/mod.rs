@@ -3,7 +3,8 @@
 //!
 //! | host | source | latency | cost |
 //! |---|---|---|---|
-//! | Linux | netlink sock_diag, a state-filtered dump every 50 ms (`hostnet_link::discovery`) | ≤ 50 ms | ~70 µs per poll |
+//! | Linux, root | netlink sock_diag dump on kernel events (listen/bind tracepoints, destroy announcements) and every 2 s (`hostnet_link::discovery`) | a few ms | ~70 µs per dump, 0.5 wake-ups/s idle |
+//! | Linux, unprivileged | the same dump every 1 s, and at once when a listener's socket is freed | additions ≤ 1 s, removals a few ms | ~70 µs per dump, 1 wake-up/s idle |
 //! | macOS | `sysctl net.inet.{tcp,udp}.pcblist_n`, every [`SCAN_INTERVAL`] ([`pcblist`]) | ≤ 1 s | two sysctls per scan |
 //! | Windows | `GetExtendedTcpTable` / `GetExtendedUdpTable`, every [`SCAN_INTERVAL`] ([`iphlp`]) | ≤ 1 s | four calls per scan |
 //!

@@ -1,13 +1,13 @@
 //! The benchmark itself (Linux: netlink sock_diag and /proc/net); see `main.rs`.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hostnet_link::discovery::{
-    self, Diff, Discovery, Event, Listener, ListenerSet, Options, Protocol, Watcher,
+    self, Diff, Discovery, Event, Listener, ListenerSet, Options, Protocol, WatchConfig, Watcher,
 };
 use tokio::sync::mpsc;
 
@@ -130,20 +130,41 @@ struct Samples {
     disappear: Vec<Duration>,
 }
 
-/// Runs `cycles` bind/close cycles, `per_round` listeners at a time, each bound and closed at a
-/// random phase of `period`, timing the events of `rx` that name them.
+/// Waits for the first event of a poller, its snapshot.
+async fn first_snapshot(rx: &mut mpsc::Receiver<Event>) {
+    match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+        Ok(Some(Event::Snapshot(_))) => {}
+        other => panic!("no snapshot from the poller: {other:?}"),
+    }
+}
+
+/// A new listener of `proto` (UDP on a port below the ephemeral range, which discovery leaves
+/// out): its inode and the socket.
+fn bind(proto: Protocol, rng: &mut Rng) -> (u32, OwnedFd) {
+    match proto {
+        Protocol::Tcp => {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            (inode_of(&l), l.into())
+        }
+        Protocol::Udp => loop {
+            let port = 20_000 + (rng.below(Duration::from_nanos(10_000)).as_nanos() as u16);
+            if let Ok(s) = UdpSocket::bind(("127.0.0.1", port)) {
+                break (inode_of(&s), s.into());
+            }
+        },
+    }
+}
+
+/// Runs `cycles` bind/close cycles, `per_round` listeners of `proto` at a time, each bound and
+/// closed at a random phase of `period`, timing the events of `rx` that name them.
 async fn measure(
     rx: &mut mpsc::Receiver<Event>,
+    proto: Protocol,
     period: Duration,
     cycles: usize,
     per_round: usize,
     rng: &mut Rng,
 ) -> Samples {
-    // Wait for the first snapshot.
-    match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
-        Ok(Some(Event::Snapshot(_))) => {}
-        other => panic!("no snapshot from the poller: {other:?}"),
-    }
     let mut samples = Samples::default();
     let limit = period * 3 + Duration::from_secs(2);
     while samples.appear.len() < cycles {
@@ -152,15 +173,14 @@ async fn measure(
         let mut offsets: Vec<Duration> = (0..k).map(|_| rng.below(period)).collect();
         offsets.sort();
         let mut pending: HashMap<u32, Instant> = HashMap::new();
-        let mut listeners: HashMap<u32, TcpListener> = HashMap::new();
+        let mut listeners: HashMap<u32, OwnedFd> = HashMap::new();
         let start = Instant::now();
         let mut next = 0;
         while next < k || !pending.is_empty() {
             if next < k {
                 tokio::select! {
                     _ = tokio::time::sleep_until((start + offsets[next]).into()) => {
-                        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-                        let ino = inode_of(&l);
+                        let (ino, l) = bind(proto, rng);
                         pending.insert(ino, Instant::now());
                         listeners.insert(ino, l);
                         next += 1;
@@ -262,9 +282,12 @@ fn idle_child(kind: &str, secs: u64) {
     rt.block_on(async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         let (_handle, mut rx) = match kind {
-            "sockdiag" => {
-                let (h, rx) = Watcher::spawn(Options::default(), discovery::DEFAULT_INTERVAL)
-                    .expect("watcher");
+            "sockdiag" | "sockdiag-poll" => {
+                let config = WatchConfig {
+                    force_poll: kind == "sockdiag-poll",
+                    ..WatchConfig::default()
+                };
+                let (h, rx) = Watcher::spawn_with(Options::default(), config).expect("watcher");
                 (Some(h), rx)
             }
             "proc1" => (None, spawn_proc_poller(Duration::from_secs(1))),
@@ -332,23 +355,56 @@ pub fn main() {
         exclude_own_process: false,
         ..Options::default()
     };
-    let interval = discovery::DEFAULT_INTERVAL;
-    let (mut watch, mut proc1, mut proc3) = rt.block_on(async {
-        let (handle, mut rx) = Watcher::spawn(opts, interval).expect("watcher");
-        let watch = measure(&mut rx, interval, cycles, 1, &mut rng).await;
+    // Event mode: the phase period only spreads the binds; nothing waits for a poll.
+    let spread = Duration::from_millis(50);
+    let poll = discovery::DEFAULT_INTERVAL;
+    let (mut ev_tcp, mut ev_udp, mut poll_tcp, mut proc1, mut proc3) = rt.block_on(async {
+        let (handle, mut rx) =
+            Watcher::spawn_with(opts.clone(), WatchConfig::default()).expect("watcher");
+        let mode = handle.mode();
+        first_snapshot(&mut rx).await;
+        let ev_tcp = measure(&mut rx, Protocol::Tcp, spread, cycles, 1, &mut rng).await;
+        let ev_udp = measure(&mut rx, Protocol::Udp, spread, cycles, 1, &mut rng).await;
         let stats = handle.stats();
         drop(rx);
         handle.stop();
-        println!("\nsock_diag watcher stats: {stats:?}");
+        println!("\nsock_diag watcher ({mode} mode) stats: {stats:?}");
+        let config = WatchConfig {
+            force_poll: true,
+            ..WatchConfig::default()
+        };
+        let (handle, mut rx) = Watcher::spawn_with(opts, config).expect("watcher");
+        first_snapshot(&mut rx).await;
+        let poll_tcp = measure(&mut rx, Protocol::Tcp, poll, cycles, 10, &mut rng).await;
+        drop(rx);
+        handle.stop();
         let mut rx = spawn_proc_poller(Duration::from_secs(1));
-        let proc1 = measure(&mut rx, Duration::from_secs(1), cycles, 10, &mut rng).await;
+        first_snapshot(&mut rx).await;
+        let proc1 = measure(
+            &mut rx,
+            Protocol::Tcp,
+            Duration::from_secs(1),
+            cycles,
+            10,
+            &mut rng,
+        )
+        .await;
         drop(rx);
         let mut rx = spawn_proc_poller(Duration::from_secs(3));
-        let proc3 = measure(&mut rx, Duration::from_secs(3), cycles, 40, &mut rng).await;
-        (watch, proc1, proc3)
+        first_snapshot(&mut rx).await;
+        let proc3 = measure(
+            &mut rx,
+            Protocol::Tcp,
+            Duration::from_secs(3),
+            cycles,
+            40,
+            &mut rng,
+        )
+        .await;
+        (ev_tcp, ev_udp, poll_tcp, proc1, proc3)
     });
 
-    println!("\ndiscovery latency (ms), TCP listener on 127.0.0.1");
+    println!("\ndiscovery latency (ms), listeners on 127.0.0.1");
     println!(
         "| {:<28} | {:<9} | {:>5} | {:>8} | {:>8} | {:>8} | {:>8} |",
         "poller", "event", "n", "p50", "p90", "p99", "max"
@@ -357,9 +413,13 @@ pub fn main() {
         "|{:-<30}|{:-<11}|{:-<7}|{:-<10}|{:-<10}|{:-<10}|{:-<10}|",
         "", "", "", "", "", "", ""
     );
-    let name = format!("sock_diag watcher {} ms", interval.as_millis());
-    row(&name, "appear", &mut watch.appear);
-    row(&name, "disappear", &mut watch.disappear);
+    row("sock_diag, events: TCP", "appear", &mut ev_tcp.appear);
+    row("sock_diag, events: TCP", "disappear", &mut ev_tcp.disappear);
+    row("sock_diag, events: UDP", "appear", &mut ev_udp.appear);
+    row("sock_diag, events: UDP", "disappear", &mut ev_udp.disappear);
+    let name = format!("sock_diag, poll {} ms: TCP", poll.as_millis());
+    row(&name, "appear", &mut poll_tcp.appear);
+    row(&name, "disappear", &mut poll_tcp.disappear);
     row("/proc/net/tcp{,6} poll 1 s", "appear", &mut proc1.appear);
     row(
         "/proc/net/tcp{,6} poll 1 s",
@@ -376,9 +436,10 @@ pub fn main() {
     // Idle CPU: the three pollers in parallel child processes (each measures itself).
     let exe = std::env::current_exe().expect("current_exe");
     let kinds = [
+        ("sockdiag", "sock_diag, events".to_string()),
         (
-            "sockdiag",
-            format!("sock_diag watcher {} ms", interval.as_millis()),
+            "sockdiag-poll",
+            format!("sock_diag, poll {} ms", poll.as_millis()),
         ),
         ("proc1", "/proc/net/tcp{,6} poll 1 s".to_string()),
         ("proc3", "/proc/net/tcp{,6} poll 3 s".to_string()),
