@@ -353,12 +353,13 @@ fn reverse_mirrors_follow_the_forwarder() {
     // Silent forwarder (SIGSTOP): the agent's heartbeat timeout removes the mirrors.
     b.fwd().signal(nix::sys::signal::Signal::SIGSTOP);
     let t = std::time::Instant::now();
-    let gone = wait_until(after(Duration::from_secs(6)), || !in_ns(&b));
+    let wait = hostnet_link::proto::HEARTBEAT_TIMEOUT + Duration::from_secs(3);
+    let gone = wait_until(after(wait), || !in_ns(&b));
     let el = t.elapsed();
     b.fwd().signal(nix::sys::signal::Signal::SIGCONT);
     assert!(
         gone,
-        "reverse mirror still in the namespace 6 s after the forwarder stopped\n{}",
+        "reverse mirror still in the namespace {wait:?} after the forwarder stopped\n{}",
         b.describe()
     );
     eprintln!("reverse mirror gone {el:?} after the forwarder stopped");

@@ -336,9 +336,14 @@
 //!    `reported`, as with an agent that does not send them). A reason longer than the limit
 //!    or too many `hosts` is [`ProtoError::Invalid`] on decode (a protocol error); a
 //!    forwarder that did not list the capability treats the message as unexpected.
-//! 6. **Heartbeats.** Each side sends `Heartbeat` every [`HEARTBEAT_INTERVAL`] (1 s), with
+//! 6. **Heartbeats.** Each side sends `Heartbeat` every [`HEARTBEAT_INTERVAL`] (5 s), with
 //!    `counter` incremented each time; a side that receives no message at all for
-//!    [`HEARTBEAT_TIMEOUT`] (3 s) closes.
+//!    [`HEARTBEAT_TIMEOUT`] (15 s) closes. Heartbeats only find a peer that is there but silent
+//!    (a stopped process, a paused VM, a path that drops everything) on a stream transport; a
+//!    peer that exits, or whose VM stops, is seen at once as the end of its streams (EOF or
+//!    reset), and on QUIC, where a vanished peer sends nothing, the connection's idle timeout
+//!    (6 s, see [`crate::transport`]) ends it first. The interval is long so that an idle
+//!    session wakes each side about once a second (a laptop on battery); it was 1 s / 3 s.
 //! 7. **Errors.** `Error{fatal: false}` is logged; `Error{fatal: true}` is followed by close.
 //!    Receiving a second `Hello`, a message with an unknown tag ([`ProtoError::UnknownType`]),
 //!    or a malformed message is a protocol error: the receiver sends `Error{Protocol, fatal}`
@@ -420,9 +425,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long each side waits for the peer's `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often each side sends a heartbeat on the control stream.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Silence on the control stream after which a side closes it.
-pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Capability names for [`Hello::capabilities`].
 pub mod caps {
