@@ -47,6 +47,10 @@ const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// row end the connection (the forwarder reconnects).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
 
+/// Bytes of QUIC datagrams (the UDP channel's frames) queued to send, and received but not read
+/// yet. quinn drops the oldest when the send side is full.
+const DATAGRAM_BUFFER: usize = 4 * 1024 * 1024;
+
 /// `uni_streams`: how many unidirectional streams the peer may open (the client allows the
 /// listener's one welcome stream; the listener allows none).
 fn transport_config(uni_streams: u32) -> Arc<TransportConfig> {
@@ -54,6 +58,8 @@ fn transport_config(uni_streams: u32) -> Arc<TransportConfig> {
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(uni_streams))
         .keep_alive_interval(Some(KEEP_ALIVE))
+        .datagram_send_buffer_size(DATAGRAM_BUFFER)
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
         .max_idle_timeout(Some(
             IdleTimeout::try_from(IDLE_TIMEOUT).expect("6 s fits a QUIC idle timeout"),
         ));
