@@ -386,25 +386,12 @@ impl Inner {
             return;
         };
         let (target, tally) = (l.target, l.tally.clone());
-        let evicted = self.make_room(&mut t);
         let flow = t.next_id();
         if let Some(tally) = &tally {
             tally.sent(payload.len());
         }
-        t.insert(
-            flow,
-            Flow {
-                end: End::Listener { lid, client },
-                last: now,
-                tally,
-            },
-        );
-        let first = t.len() == 1;
-        drop(t);
-        if first {
-            self.not_empty.notify_one();
-        }
-        self.close_all(evicted, CloseReason::Evicted);
+        let end = End::Listener { lid, client };
+        self.add_flow(t, flow, end, tally);
         bump(&self.counters.flows_opened);
         tracing::debug!(flow, %client, %target, "UDP flow opened");
         self.out.send(&Frame::Open {
@@ -413,6 +400,26 @@ impl Inner {
             client,
             payload,
         });
+    }
+
+    /// Puts a new flow in the table (closing the least recently used one at the limit, and
+    /// telling the peer), and wakes the sweeper if it is the only one.
+    fn add_flow(
+        &self,
+        mut t: MutexGuard<'_, Table>,
+        id: u32,
+        end: End,
+        tally: Option<Arc<dyn Tally>>,
+    ) {
+        let evicted = self.make_room(&mut t);
+        let last = Instant::now();
+        t.insert(id, Flow { end, last, tally });
+        let first = t.len() == 1;
+        drop(t);
+        if first {
+            self.not_empty.notify_one();
+        }
+        self.close_all(evicted, CloseReason::Evicted);
     }
 
     /// At the flow limit, removes the least recently used flow; its id (to close).
@@ -578,32 +585,19 @@ impl Inner {
             }
         };
         let reader = tokio::spawn(io::drain_dialed(Arc::downgrade(self), flow, sock.clone()));
-        let mut t = lock(&self.table);
+        let t = lock(&self.table);
         if self.done.is_cancelled() {
             reader.abort();
             return;
         }
-        let evicted = self.make_room(&mut t);
         if let Some(tally) = &tally {
             tally.received(payload.len());
         }
-        t.insert(
-            flow,
-            Flow {
-                end: End::Dialed {
-                    sock: sock.clone(),
-                    reader: reader.abort_handle(),
-                },
-                last: Instant::now(),
-                tally,
-            },
-        );
-        let first = t.len() == 1;
-        drop(t);
-        if first {
-            self.not_empty.notify_one();
-        }
-        self.close_all(evicted, CloseReason::Evicted);
+        let end = End::Dialed {
+            sock: sock.clone(),
+            reader: reader.abort_handle(),
+        };
+        self.add_flow(t, flow, end, tally);
         bump(&self.counters.flows_accepted);
         tracing::debug!(flow, %client, %addr, "UDP flow from the peer");
         if let Err(e) = batch::send_one(&sock, payload, None) {

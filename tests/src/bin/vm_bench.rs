@@ -17,6 +17,8 @@
 //!   guest's CPU is the bottleneck, so the hop itself (vsock read, loopback TCP write and read)
 //!   costs most of what hostnet loses against raw; hostnet against relay is the agent's own
 //!   overhead;
+//! * idle wake-ups: context switches of every thread of the guest's agent and the host's
+//!   forwarder over `--idle-secs` with nothing happening, per second;
 //! * UDP 64 B and 1400 B datagrams delivered per second to a counting sink in the guest, for
 //!   `--udp-secs`: through hostnet (host UDP → forwarder → the datagram channel over hybrid
 //!   vsock → agent → guest UDP; lossy like UDP), raw (the same payloads as `len ‖ bytes`
@@ -59,6 +61,38 @@ struct Args {
     /// Seconds per UDP trial.
     #[arg(long, default_value_t = 2.0)]
     udp_secs: f64,
+    /// Seconds of the idle wake-up count.
+    #[arg(long, default_value_t = 30)]
+    idle_secs: u64,
+}
+
+/// Sums the context switches of every thread in a `/proc/PID/task/*/status` dump.
+fn ctxt_sum(status: &str) -> u64 {
+    status
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The guest agent's context switches so far (every thread).
+fn guest_agent_ctxt(vm: &Vm) -> Result<u64> {
+    let o = vm.run("cat /proc/$(pidof hostnet-agent)/task/*/status")?;
+    if o.code != 0 {
+        bail!("reading the guest agent's status: {}", o.output);
+    }
+    Ok(ctxt_sum(&o.output))
+}
+
+/// The host forwarder's context switches so far (every thread).
+fn forwarder_ctxt(vm: &Vm) -> Result<u64> {
+    let pid = vm.fwd.as_ref().context("no forwarder")?.pid();
+    let mut sum = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(t?.path().join("status")).unwrap_or_default();
+        sum += ctxt_sum(&status);
+    }
+    Ok(sum)
 }
 
 /// The UDP sink's count so far.
@@ -231,6 +265,16 @@ fn main() -> Result<()> {
         debug_assert!(!tcp_listeners().contains(&a));
     }
 
+    // Idle wake-ups (nothing mirrored changes, no traffic; the guest's command server answers
+    // the two reads, which the agent does not see).
+    std::thread::sleep(Duration::from_secs(3));
+    let (g0, f0) = (guest_agent_ctxt(&vm)?, forwarder_ctxt(&vm)?);
+    std::thread::sleep(Duration::from_secs(args.idle_secs));
+    let (g1, f1) = (guest_agent_ctxt(&vm)?, forwarder_ctxt(&vm)?);
+    let per_s = |a: u64, b: u64| (b - a) as f64 / args.idle_secs as f64;
+    let (idle_agent, idle_fwd) = (per_s(g0, g1), per_s(f0, f1));
+    eprintln!("idle: guest agent {idle_agent:.2} wake-ups/s, forwarder {idle_fwd:.2} wake-ups/s");
+
     // Throughput.
     let p = free_port();
     vm.spawn(
@@ -322,14 +366,20 @@ fn main() -> Result<()> {
         median(&mut sessions) * 1e3
     );
     println!(
-        "| discovery: guest server bound → host 127.0.0.1 listening (median of {}) | {:.0} ms |",
+        "| discovery: guest server bound → host 127.0.0.1 listening (median / max of {}) | {:.0} / {:.0} ms |",
         add.len(),
-        median(&mut add)
+        median(&mut add),
+        add.iter().copied().fold(0.0, f64::max)
     );
     println!(
-        "| removal: guest server killed → host port gone (median of {}) | {:.0} ms |",
+        "| removal: guest server killed → host port gone (median / max of {}) | {:.0} / {:.0} ms |",
         remove.len(),
-        median(&mut remove)
+        median(&mut remove),
+        remove.iter().copied().fold(0.0, f64::max)
+    );
+    println!(
+        "| idle wake-ups over {} s: agent in the guest / forwarder on the host | {idle_agent:.2} / {idle_fwd:.2} per s |",
+        args.idle_secs
     );
     println!(
         "| (command round trip, spawn → READY answer) | {:.0} ms |",
