@@ -193,34 +193,18 @@ async fn read_stream(inner: Weak<Inner>, mut rd: ReadHalf<Stream>) {
         }
         let Some(i) = inner.upgrade() else { return };
         let mut at = 0;
+        let mut runs = Runs::new(&i);
         let err = loop {
             match channel::decode_frame(&buf[at..]) {
-                // A run of DATA frames of one flow goes out in one batch.
-                Ok(Some((Frame::Data { flow, payload }, used))) => {
-                    let mut run: [&[u8]; batch::MAX] = [&[]; batch::MAX];
-                    run[0] = payload;
-                    let mut n = 1;
-                    at += used;
-                    while n < batch::MAX {
-                        match channel::decode_frame(&buf[at..]) {
-                            Ok(Some((Frame::Data { flow: f, payload }, used))) if f == flow => {
-                                run[n] = payload;
-                                n += 1;
-                                at += used;
-                            }
-                            _ => break,
-                        }
-                    }
-                    i.on_data_run(flow, &run[..n]);
-                }
                 Ok(Some((frame, used))) => {
-                    i.on_frame(frame);
+                    runs.push(frame);
                     at += used;
                 }
                 Ok(None) => break None,
                 Err(e) => break Some(e),
             }
         };
+        runs.flush();
         if let Some(e) = err {
             break format!("malformed frame: {e}");
         }
@@ -234,10 +218,12 @@ async fn read_stream(inner: Weak<Inner>, mut rd: ReadHalf<Stream>) {
     }
 }
 
-/// Reads QUIC datagrams (one frame each) until the connection or the channel ends.
+/// Reads QUIC datagrams (one frame each) until the connection or the channel ends; what has
+/// arrived together is handled together (runs of one flow sent in one batch).
 async fn read_quic(inner: Weak<Inner>, conn: quinn::Connection) {
+    let mut got: Vec<bytes::Bytes> = Vec::with_capacity(batch::MAX);
     loop {
-        let got = {
+        let first = {
             let Some(i) = inner.upgrade() else { return };
             let done = i.done.clone();
             drop(i);
@@ -246,21 +232,88 @@ async fn read_quic(inner: Weak<Inner>, conn: quinn::Connection) {
                 () = done.cancelled() => return,
             }
         };
-        let Ok(bytes) = got else { return };
-        let Some(i) = inner.upgrade() else { return };
-        match channel::decode_frame(&bytes) {
-            Ok(Some((frame, used))) if used == bytes.len() => i.on_frame(frame),
-            r => {
-                bump(&i.counters.datagrams_dropped);
-                let e = match r {
-                    Err(e) => e,
-                    _ => ProtoError::Invalid {
-                        what: "datagram channel frame",
-                        reason: "a QUIC datagram must hold exactly one frame",
-                    },
-                };
-                tracing::warn!(error = %e, "bad QUIC datagram dropped");
+        let Ok(first) = first else { return };
+        got.push(first);
+        // The others already there, without waiting.
+        while got.len() < batch::MAX {
+            match ready_now(conn.read_datagram()) {
+                Some(Ok(b)) => got.push(b),
+                _ => break,
             }
+        }
+        let Some(i) = inner.upgrade() else { return };
+        let mut runs = Runs::new(&i);
+        for bytes in &got {
+            match channel::decode_frame(bytes) {
+                Ok(Some((frame, used))) if used == bytes.len() => runs.push(frame),
+                r => {
+                    bump(&i.counters.datagrams_dropped);
+                    let e = match r {
+                        Err(e) => e,
+                        _ => ProtoError::Invalid {
+                            what: "datagram channel frame",
+                            reason: "a QUIC datagram must hold exactly one frame",
+                        },
+                    };
+                    tracing::warn!(error = %e, "bad QUIC datagram dropped");
+                }
+            }
+        }
+        runs.flush();
+        got.clear();
+    }
+}
+
+/// Polls a future once: its output if it is ready now.
+fn ready_now<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Frames from the peer, handed on in order, with each run of DATA frames of one flow sent
+/// in one batch.
+struct Runs<'i, 'a> {
+    inner: &'i Arc<Inner>,
+    flow: u32,
+    run: [&'a [u8]; batch::MAX],
+    len: usize,
+}
+
+impl<'i, 'a> Runs<'i, 'a> {
+    fn new(inner: &'i Arc<Inner>) -> Self {
+        Self {
+            inner,
+            flow: 0,
+            run: [&[]; batch::MAX],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, frame: Frame<'a>) {
+        match frame {
+            Frame::Data { flow, payload } => {
+                if self.len > 0 && (flow != self.flow || self.len == batch::MAX) {
+                    self.flush();
+                }
+                self.flow = flow;
+                self.run[self.len] = payload;
+                self.len += 1;
+            }
+            other => {
+                self.flush();
+                self.inner.on_frame(other);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.len > 0 {
+            self.inner.on_data_run(self.flow, &self.run[..self.len]);
+            self.len = 0;
         }
     }
 }

@@ -37,6 +37,9 @@ struct Args {
     /// Client ports opened for the memory figure.
     #[arg(long, default_value_t = 4096)]
     flows: usize,
+    /// Measure one path only (`direct`, `unix`, `quic`), e.g. to profile it.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// One namespace with a counting sink and an echo server, reached through one bridge.
@@ -157,6 +160,13 @@ fn main() -> Result<()> {
             (sa(LO4, quic.sink), sa(LO4, quic.echo), &quic.count),
         ];
         for (i, (sink, echo, count)) in paths.into_iter().enumerate() {
+            if args
+                .only
+                .as_deref()
+                .is_some_and(|o| o != ["direct", "unix", "quic"][i])
+            {
+                continue;
+            }
             small[i].push(udp_rate_sized(sink, count, args.secs, 64)?.0);
             large[i].push(udp_rate_sized(sink, count, args.secs, 1400)?.0);
             let (p50, p99) = udp_first_rtt(echo, args.firsts)?;
