@@ -132,12 +132,21 @@ async fn bursts_arrive_datagram_by_datagram_and_replies_find_their_client() {
     // UDP on loopback keeps the order of one sender's datagrams.
     assert_eq!(got.len(), sent.len());
     for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
-        assert_eq!(g, s, "datagram {i} ({} bytes) arrived as {} bytes", s.len(), g.len());
+        assert_eq!(
+            g,
+            s,
+            "datagram {i} ({} bytes) arrived as {} bytes",
+            s.len(),
+            g.len()
+        );
     }
     assert_eq!(fwd.flows(), 1);
     assert_eq!(agent.flows(), 1);
     assert_eq!(fwd.counters().datagrams_dropped.load(Ordering::Relaxed), 0);
-    assert_eq!(agent.counters().datagrams_dropped.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        agent.counters().datagrams_dropped.load(Ordering::Relaxed),
+        0
+    );
     // Closing one end ends the other's channel and every flow.
     fwd.close();
     tokio::time::timeout(Duration::from_secs(5), agent.closed())
