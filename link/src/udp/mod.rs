@@ -357,11 +357,12 @@ impl Drop for ListenerHandle {
 }
 
 impl Inner {
+    /// Ends the channel: flows first, so that whoever waits for the end finds them gone.
     fn finish(&self) {
         if !self.done.is_cancelled() {
-            self.done.cancel();
             lock(&self.table).clear();
             self.out.close();
+            self.done.cancel();
         }
     }
 
