@@ -93,6 +93,10 @@ pub struct CommonArgs {
     /// Limit on concurrent link streams (relayed connections, flows, dial-backs).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STREAMS, value_parser = positive)]
     pub max_streams: usize,
+    /// Threads of the async runtime: 1 (the default) runs every relay on one event loop, more
+    /// spread the connections over a work-stealing pool (see `runtime_with`).
+    #[arg(long, value_name = "N", env = "HOSTNET_THREADS", default_value_t = 1, value_parser = positive)]
+    pub threads: usize,
     /// Log format (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -267,12 +271,31 @@ pub fn init_logs(format: LogFormat, file: Option<&std::path::Path>) -> anyhow::R
     Ok(())
 }
 
-/// The forwarder's runtime.
+/// The runtime of the short commands (`status`): one thread.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    // One thread: every relay is syscall-bound, and a single event loop saves the cross-thread
-    // wake-up that a work-stealing runtime adds to each hop (measured in the bridge benchmark).
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+    runtime_with(1)
+}
+
+/// The forwarder's runtime with `threads` threads: a current-thread runtime for 1, a
+/// work-stealing pool for more.
+///
+/// One thread by default. Measured with `bench/bridge.sh --threads 1|2` on 2 vCPUs, both
+/// sides alike (README, "Bridge benchmark"): two threads make a 64-byte round trip 3-25 %
+/// faster (the second worker, searching for work after each wake-up, keeps its vCPU from
+/// halting, and waking a halted vCPU is what a hop costs most here), but open about 10 % fewer
+/// connections a second (each connection's task may cross threads), do not move bulk with 4
+/// streams (both cores are already busy: the relays' copies are the limit), and wake an idle
+/// forwarder about twice as often (0.65 against 1.1 times a second). One thread also keeps a
+/// one-vCPU guest from paying for a pool it cannot use.
+pub fn runtime_with(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    b.enable_all()
         .build()
         .context("cannot start the async runtime")
 }
@@ -294,7 +317,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(a) => {
             init_logs(a.common.log_format, a.common.log_file.as_deref())?;
-            runtime()?.block_on(async {
+            runtime_with(a.common.threads)?.block_on(async {
                 let mut stop = StopSignals::new().context("cannot handle stop signals")?;
                 serve(a, async move { stop.recv().await }).await
             })?;
@@ -327,7 +350,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 ),
                 command: a.command,
             };
-            runtime()?.block_on(sandbox::run(opts))
+            runtime_with(a.common.threads)?.block_on(sandbox::run(opts))
         }
         Command::Keygen { dir } => {
             let cert = hostnet_link::transport::keygen(&dir)?;

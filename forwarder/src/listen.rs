@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::ctx::{Ctx, bump};
 use crate::mirror::{BindState, Binding};
-use crate::relay::{self, Counted, OpenError, OpenGuard, RelayEnd};
+use crate::relay::{self, Counted, OpenGuard, OpenedEnd, RelayEnd};
 
 /// First retry delay of a taken host address.
 pub const BIND_RETRY_FIRST: Duration = Duration::from_millis(250);
@@ -179,7 +179,7 @@ async fn serve_tcp(
         client: peer,
     });
     let link = tokio::select! {
-        r = relay::open_relay(&ctx.connector, kind, mode) => r,
+        r = relay::open_stream(&ctx.connector, kind, mode) => r,
         () = session.cancelled() => {
             relay::reset_tcp(client);
             return;
@@ -187,12 +187,6 @@ async fn serve_tcp(
     };
     let link = match link {
         Ok(link) => link,
-        Err(OpenError::Status(s)) => {
-            bump(&ctx.counters.relays_refused);
-            tracing::info!(%target, status = ?s, "the agent did not connect; resetting the client");
-            relay::reset_tcp(client);
-            return;
-        }
         Err(e) => {
             bump(&ctx.counters.link_open_failed);
             tracing::warn!(%target, error = %e, "cannot relay; resetting the client");
@@ -200,14 +194,28 @@ async fn serve_tcp(
             return;
         }
     };
+    // The client's first bytes follow the header at once; the agent's status comes back on
+    // the other direction (a refusal resets the client).
     let client = Counted::new(client, b.traffic.clone());
-    match relay::relay(client, link, &session).await {
-        RelayEnd::Done(up, down) => tracing::debug!(to_guest = up, from_guest = down, "closed"),
-        RelayEnd::Reset(e) => {
+    match relay::relay_opened(client, link, &session).await {
+        OpenedEnd::Relayed(RelayEnd::Done(up, down)) => {
+            tracing::debug!(to_guest = up, from_guest = down, "closed");
+        }
+        OpenedEnd::Relayed(RelayEnd::Reset(e)) => {
             bump(&ctx.counters.relays_reset);
             tracing::debug!(error = %e, "relay failed; both sides reset");
         }
-        RelayEnd::Cancelled => tracing::debug!("session ended; both sides reset"),
+        OpenedEnd::Relayed(RelayEnd::Cancelled) => {
+            tracing::debug!("session ended; both sides reset");
+        }
+        OpenedEnd::Refused(s) => {
+            bump(&ctx.counters.relays_refused);
+            tracing::info!(%target, status = ?s, "the agent did not connect; resetting the client");
+        }
+        OpenedEnd::NoStatus(e) => {
+            bump(&ctx.counters.link_open_failed);
+            tracing::warn!(%target, error = %e, "no relay status from the agent; resetting the client");
+        }
     }
 }
 

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use hostnet_link::proto::{self, PayloadStream, RelayStatus, StreamHeader, StreamKind, StreamMode};
+use hostnet_link::proto::{self, PayloadStream, StreamHeader, StreamKind, StreamMode};
 use hostnet_link::transport::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-pub use hostnet_link::relay::{RelayEnd, reset_tcp};
+pub use hostnet_link::relay::{OpenedEnd, RelayEnd, reset_tcp};
 
 /// Bytes each way and connections, per mirrored address; read by `status`.
 #[derive(Debug, Default)]
@@ -132,33 +132,38 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-/// Why a relay stream could not be set up.
+/// Why a relay stream could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// The transport could not open a stream.
     #[error("cannot open a link stream: {0}")]
     Link(#[from] hostnet_link::transport::TransportError),
-    /// Writing the header or reading the status failed.
+    /// Writing the header failed.
     #[error("link stream handshake failed: {0}")]
     Proto(#[from] proto::ProtoError),
-    /// The agent answered with a status other than `Ok`.
-    #[error("the agent answered {0:?}")]
-    Status(RelayStatus),
 }
 
-/// Opens a link stream with `kind` in `mode` and waits for an `Ok` status.
-pub async fn open_relay(
+/// Opens a link stream and writes the header with `kind` in `mode`; the status is read by
+/// [`relay_opened`], which sends the client's bytes meanwhile (the opener waits for no round
+/// trip before relaying: see "Relay streams and the status" in [`hostnet_link::proto`]).
+pub async fn open_stream(
     connector: &hostnet_link::transport::Connector,
     kind: StreamKind,
     mode: StreamMode,
 ) -> Result<PayloadStream<Stream>, OpenError> {
     let mut s = connector.open().await?;
     proto::write_header(&mut s, &StreamHeader { kind, mode }).await?;
-    let status = proto::read_status(&mut s, proto::STATUS_TIMEOUT).await?;
-    if !status.is_ok() {
-        return Err(OpenError::Status(status));
-    }
     Ok(PayloadStream::new(s, mode))
+}
+
+/// Relays a counted host connection and a stream from [`open_stream`] (see
+/// [`hostnet_link::relay::relay_opened`]): the status first, then as [`relay`].
+pub async fn relay_opened(
+    client: Counted<TcpStream>,
+    link: PayloadStream<Stream>,
+    cancel: &CancellationToken,
+) -> OpenedEnd {
+    hostnet_link::relay::relay_opened(client, link, cancel, |c| reset_tcp(c.into_inner())).await
 }
 
 /// Relays a counted host connection and `link` (see [`hostnet_link::relay::relay`]): half-close

@@ -93,6 +93,11 @@ pub struct RunArgs {
     /// Concurrent UDP flows (forward and reverse); more are refused and counted.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_udp_flows: u32,
+    /// Threads of the async runtime: 1 (the default) runs every relay on one event loop, more
+    /// spread the connections over a work-stealing pool (the forwarder's `runtime_with` says
+    /// what each costs, as measured).
+    #[arg(long, value_name = "N", env = "HOSTNET_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: u16,
     /// Bring the loopback interface up first (in a fresh network namespace).
     #[arg(long)]
     pub lo_up: bool,
@@ -127,13 +132,23 @@ pub fn main(cli: Cli) -> ExitCode {
     init_logging(format);
     let result = match cli.command {
         Command::Ports(a) => ports(&a).map(|()| 0),
-        // One thread: see the forwarder's runtime (relays are syscall-bound; no cross-thread
-        // wake-ups per hop).
-        Command::Run(a) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the tokio runtime")
-            .and_then(|rt| rt.block_on(run(a))),
+        // One thread by default: see the forwarder's `runtime_with` (measured: a second thread
+        // shortens round trips a little on 2 vCPUs but costs connections a second and idle
+        // wake-ups).
+        Command::Run(a) => {
+            let threads = usize::from(a.threads);
+            let mut b = if threads <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(threads);
+                b
+            };
+            b.enable_all()
+                .build()
+                .context("starting the tokio runtime")
+                .and_then(|rt| rt.block_on(run(a)))
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -51,7 +51,10 @@ async fn admit(
     }
 }
 
-/// A forwarder-opened `TcpRelay` stream.
+/// A forwarder-opened `TcpRelay` stream. Its header has been read, exactly: the client's first
+/// bytes may already wait behind it (the forwarder does not wait for the status to send them).
+/// They are relayed after an `Ok`; on a refusal the stream is closed with them unread, and the
+/// forwarder resets its client.
 pub(crate) async fn tcp(shared: Arc<Shared>, mut stream: Stream, mode: StreamMode, t: RelayTarget) {
     let span = tracing::info_span!("tcp", target = %t.target, client = %t.client);
     async move {

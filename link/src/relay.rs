@@ -2,6 +2,11 @@
 //! phase: bytes both ways, each direction half-closed as its source ends, and on an error from
 //! either side (or cancellation) both sides reset — a TCP RST locally, a RESET frame or the
 //! transport's reset on the link.
+//!
+//! The opener of a relay stream runs [`relay_opened`] right after writing the header: the
+//! client's bytes go out at once, and the other direction starts with the status (see
+//! "Relay streams and the status" in [`crate::proto`]), so that a new connection costs no
+//! round trip of its own.
 
 use std::io;
 use std::pin::Pin;
@@ -13,8 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::proto::PayloadStream;
 use crate::proto::framed::DATA_HEAD_LEN;
+use crate::proto::{PayloadStream, ProtoError, RelayStatus, STATUS_TIMEOUT, StatusReader};
 use crate::transport::Stream;
 
 /// Copy buffer of a direction while data flows (taken from a small pool when a read is due,
@@ -284,6 +289,122 @@ where
         Some(Ok((up, down))) => return RelayEnd::Done(up, down),
         Some(Err(e)) => RelayEnd::Reset(e),
         None => RelayEnd::Cancelled,
+    };
+    reset_local(local);
+    reset_link(link).await;
+    end
+}
+
+/// How a relay started by its opener before the status ([`relay_opened`]) ended.
+#[derive(Debug)]
+pub enum OpenedEnd {
+    /// The acceptor answered something other than `Ok` (it closes the stream; the client's
+    /// bytes sent meanwhile are discarded). The local side was reset.
+    Refused(RelayStatus),
+    /// No status: the stream failed or ended before it, or [`STATUS_TIMEOUT`] passed. Both
+    /// sides were reset.
+    NoStatus(ProtoError),
+    /// The status was `Ok`; then the relay ended like [`relay`].
+    Relayed(RelayEnd),
+}
+
+/// Why [`copy_opened`] stopped before both directions ended.
+enum Stop {
+    Refused(RelayStatus),
+    NoStatus(ProtoError),
+    Failed(io::Error),
+}
+
+/// [`copy_both`] for the opener: local → link from the start; link → local once the status
+/// (read first on that direction) says `Ok`. An error on local → link while the status is due
+/// is held until it arrives: a refusal (the acceptor closes the stream, so writes may fail
+/// first) is reported as a refusal.
+async fn copy_opened<C>(local: &mut C, link: &mut PayloadStream<Stream>) -> Result<(u64, u64), Stop>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Direction::default();
+    let mut down = Direction::default();
+    let mut status = Some(StatusReader::new());
+    let mut up_failed: Option<io::Error> = None;
+    let mut up_done: Option<u64> = None;
+    // Dropped with the status read, so that no timer outlives its use.
+    let deadline = Some(tokio::time::sleep(STATUS_TIMEOUT));
+    tokio::pin!(deadline);
+    std::future::poll_fn(|cx| {
+        if let Some(reader) = status.as_mut() {
+            match reader.poll_read(cx, link.get_mut()) {
+                Poll::Ready(Ok(st)) if st.is_ok() => {
+                    status = None;
+                    deadline.set(None);
+                }
+                Poll::Ready(Ok(st)) => return Poll::Ready(Err(Stop::Refused(st))),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Stop::NoStatus(e))),
+                Poll::Pending => {
+                    if let Some(d) = deadline.as_mut().as_pin_mut()
+                        && d.poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Err(Stop::NoStatus(ProtoError::Timeout {
+                            what: "relay status",
+                            after: STATUS_TIMEOUT,
+                        })));
+                    }
+                }
+            }
+        }
+        if status.is_none()
+            && let Some(e) = up_failed.take()
+        {
+            return Poll::Ready(Err(Stop::Failed(e)));
+        }
+        if up_failed.is_none() && up_done.is_none() {
+            match up.poll_copy(cx, local, link) {
+                Poll::Ready(Ok(n)) => up_done = Some(n),
+                Poll::Ready(Err(e)) if status.is_some() => up_failed = Some(e),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Stop::Failed(e))),
+                Poll::Pending => {}
+            }
+        }
+        if status.is_some() {
+            return Poll::Pending;
+        }
+        let b = down
+            .poll_copy(cx, link, &mut Local(local))
+            .map_err(Stop::Failed)?;
+        match (up_done, b) {
+            (Some(a), Poll::Ready(b)) => Poll::Ready(Ok((a, b))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// The opener's relay: call it right after writing a `TcpRelay` header, without waiting for
+/// the status. Relays `local` and `link` like [`relay`], except that `link`'s first bytes are
+/// the status (read under [`STATUS_TIMEOUT`]): on `Ok` the payload follows; on anything else
+/// `local` is reset and the stream dropped ([`OpenedEnd::Refused`]).
+pub async fn relay_opened<C>(
+    mut local: C,
+    mut link: PayloadStream<Stream>,
+    cancel: &CancellationToken,
+    reset_local: impl FnOnce(C),
+) -> OpenedEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let res = tokio::select! {
+        r = copy_opened(&mut local, &mut link) => Some(r),
+        () = cancel.cancelled() => None,
+    };
+    let end = match res {
+        Some(Ok((up, down))) => return OpenedEnd::Relayed(RelayEnd::Done(up, down)),
+        Some(Err(Stop::Refused(st))) => {
+            reset_local(local);
+            return OpenedEnd::Refused(st);
+        }
+        Some(Err(Stop::NoStatus(e))) => OpenedEnd::NoStatus(e),
+        Some(Err(Stop::Failed(e))) => OpenedEnd::Relayed(RelayEnd::Reset(e)),
+        None => OpenedEnd::Relayed(RelayEnd::Cancelled),
     };
     reset_local(local);
     reset_link(link).await;

@@ -459,3 +459,80 @@ async fn reset_in_the_middle_of_a_frame_still_reaches_the_peer() {
     assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
     assert_eq!(got, big[..n]);
 }
+
+/// Frames that arrive together are read together: with a large read buffer (a relay's), a run
+/// of small frames, a head cut between two reads, a frame longer than the first read, and END
+/// or RESET right behind data all come out as the same bytes and ends.
+#[tokio::test]
+async fn small_frames_read_in_one_go_with_a_large_buffer() {
+    use proto::framed::{FRAME_DATA, FRAME_END, FRAME_RESET};
+    fn data(payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![FRAME_DATA];
+        v.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+    let big = pattern(9, 100_000);
+
+    // Several frames and END in one write: one read gives all the payload, the next EOF.
+    let (mut w, r) = UnixStream::pair().unwrap();
+    let mut r = Framed::new(r);
+    let mut wire = data(b"abc");
+    wire.extend(data(b"de"));
+    wire.push(FRAME_END);
+    w.write_all(&wire).await.unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let n = r.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"abcde");
+    assert_eq!(r.read(&mut buf).await.unwrap(), 0);
+    assert!(r.peer_ended());
+
+    // A head cut in two, then a frame longer than the first read, then END.
+    let (mut w, r) = UnixStream::pair().unwrap();
+    let mut r = Framed::new(r);
+    let wire = data(b"wxyz");
+    w.write_all(&wire[..3]).await.unwrap();
+    let writer = tokio::spawn({
+        let big = big.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            w.write_all(&wire[3..]).await.unwrap();
+            w.write_all(&data(&big)).await.unwrap();
+            w.write_all(&[FRAME_END]).await.unwrap();
+            w
+        }
+    });
+    let mut got = Vec::new();
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let mut want = b"wxyz".to_vec();
+    want.extend_from_slice(&big);
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "payload differs");
+    drop(writer.await.unwrap());
+
+    // RESET right behind data: the data first, then the reset.
+    let (mut w, r) = UnixStream::pair().unwrap();
+    let mut r = Framed::new(r);
+    let mut wire = data(b"last words");
+    wire.push(FRAME_RESET);
+    w.write_all(&wire).await.unwrap();
+    let n = r.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"last words");
+    let e = r.read(&mut buf).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+
+    // A bad type byte behind good data is an error.
+    let (mut w, r) = UnixStream::pair().unwrap();
+    let mut r = Framed::new(r);
+    let mut wire = data(b"ok");
+    wire.push(0x7f);
+    w.write_all(&wire).await.unwrap();
+    let e = r.read(&mut buf).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+}

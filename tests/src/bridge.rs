@@ -48,6 +48,7 @@ pub struct BridgeBuilder {
     agent_args: Vec<String>,
     fwd_args: Vec<String>,
     fwd_env: Vec<(String, String)>,
+    agent_env: Vec<(String, String)>,
     wrong_token: bool,
     start_forwarder: bool,
     veth: bool,
@@ -94,6 +95,12 @@ impl BridgeBuilder {
     /// An environment variable for the forwarder (e.g. `HOSTNET_REVERSE_DENY`).
     pub fn fwd_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.fwd_env.push((key.into(), value.into()));
+        self
+    }
+
+    /// An environment variable for the agent.
+    pub fn agent_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.agent_env.push((key.into(), value.into()));
         self
     }
 
@@ -210,6 +217,7 @@ impl BridgeBuilder {
             agent_args: self.agent_args,
             fwd_args,
             fwd_env: self.fwd_env,
+            agent_env: self.agent_env,
             dir,
             old_logs: String::new(),
         };
@@ -262,6 +270,7 @@ pub struct Bridge {
     agent_args: Vec<String>,
     fwd_args: Vec<String>,
     fwd_env: Vec<(String, String)>,
+    agent_env: Vec<(String, String)>,
     old_logs: String,
 }
 
@@ -273,6 +282,7 @@ impl Bridge {
             agent_args: Vec::new(),
             fwd_args: Vec::new(),
             fwd_env: Vec::new(),
+            agent_env: Vec::new(),
             wrong_token: false,
             start_forwarder: true,
             veth: false,
@@ -312,7 +322,8 @@ impl Bridge {
         let mut cmd = self.ns.command(bin("hostnet-agent"));
         cmd.args(["run", "--listen", &self.agent_uri])
             .args(&self.agent_auth)
-            .args(&self.agent_args);
+            .args(&self.agent_args)
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         log_env(&mut cmd);
         let mut p = Proc::spawn("hostnet-agent", cmd);
         let ready = wait_until(after(Duration::from_secs(10)), || {

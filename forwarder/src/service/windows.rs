@@ -219,7 +219,8 @@ fn run_service(name: &str, args: RunArgs) -> anyhow::Result<()> {
     };
     report(ServiceState::Running, 0).context("cannot report Running")?;
     tracing::info!(service = name, "running as a Windows service");
-    let result = crate::cli::runtime().and_then(|rt| {
+    let threads = args.common.threads;
+    let result = crate::cli::runtime_with(threads).and_then(|rt| {
         rt.block_on(crate::cli::serve(args, async move {
             stop.cancelled().await;
             "service stop"

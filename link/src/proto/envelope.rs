@@ -120,10 +120,23 @@ where
     if !read_exact_or_eof(r, &mut len, kind.what).await? {
         return Ok(None);
     }
+    read_body(kind, len, r).await.map(Some)
+}
+
+/// Reads exactly the body of an envelope whose length prefix `len` has been read.
+pub(crate) async fn read_body<T, R>(
+    kind: Kind,
+    len: [u8; LEN_BYTES],
+    r: &mut R,
+) -> Result<T, ProtoError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin + ?Sized,
+{
     let len = check_len(kind, len)?;
     let mut body = vec![0u8; len];
     read_exact(r, &mut body, kind.what).await?;
-    decode_body(kind, &body).map(Some)
+    decode_body(kind, &body)
 }
 
 /// Fills `buf` exactly; `Ok(false)` if the stream ends before the first byte, a

@@ -251,6 +251,50 @@ impl<S: AsyncRead + Unpin> Framed<S> {
         Poll::Ready(Ok(n))
     }
 
+    /// `region` holds bytes just read from `S` at a frame boundary (nothing buffered, no frame
+    /// in progress): moves the payload of the frames in it to its front, over their heads, and
+    /// returns the payload's length. A frame that goes on past `region` leaves `data_left`; a
+    /// head cut short is kept in `rbuf`; after END or RESET the state changes and the rest
+    /// (nothing but a RESET may follow an END) is dropped.
+    fn deframe_in_place(&mut self, region: &mut [u8]) -> Result<usize, ProtoError> {
+        let (mut i, mut out) = (0, 0);
+        while i < region.len() {
+            let rest = region.get(i..).unwrap_or_default();
+            let Some((head, used)) = decode_frame_head(rest)? else {
+                // A partial head (shorter than DATA_HEAD_LEN, so it fits the head buffer).
+                let Some(dst) = self.rbuf.get_mut(..rest.len()) else {
+                    return Err(ProtoError::Invalid {
+                        what: WHAT,
+                        reason: "partial frame head longer than a head",
+                    });
+                };
+                dst.copy_from_slice(rest);
+                self.rpos = 0;
+                self.rlen = rest.len();
+                break;
+            };
+            i += used;
+            match head {
+                FrameHead::Data(len) => {
+                    let take = len.min(region.len() - i);
+                    region.copy_within(i..i + take, out);
+                    out += take;
+                    i += take;
+                    self.data_left = len - take;
+                }
+                FrameHead::End => {
+                    self.rstate = ReadState::Ended;
+                    break;
+                }
+                FrameHead::Reset => {
+                    self.rstate = ReadState::PeerReset;
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn fail(&mut self, kind: io::ErrorKind, e: io::Error) -> Poll<io::Result<()>> {
         self.rstate = ReadState::Failed(kind);
         Poll::Ready(Err(e))
@@ -351,8 +395,37 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
                 }
                 Ok(None) => {
                     let partial = !pending.is_empty();
-                    // If the caller's buffer is large, read just the head so that the payload
-                    // can go straight into it; else read ahead as much as fits.
+                    if !partial && buf.remaining() >= DIRECT_READ_MIN {
+                        // A large caller's buffer and no head begun: read the head with what
+                        // follows it straight into the caller's buffer (a small frame, or
+                        // several, in one read) and take the heads out in place; the payload
+                        // of a large frame is then read straight, as below.
+                        let mut window = ReadBuf::new(buf.initialize_unfilled_to(DIRECT_READ_MIN));
+                        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut window))?;
+                        let got = window.filled().len();
+                        if got == 0 {
+                            return this.fail(
+                                io::ErrorKind::UnexpectedEof,
+                                io::Error::new(
+                                    io::ErrorKind::UnexpectedEof,
+                                    "link stream ended without an end-of-stream frame",
+                                ),
+                            );
+                        }
+                        let region = buf.initialize_unfilled_to(got);
+                        match this.deframe_in_place(region) {
+                            Ok(n) => {
+                                buf.advance(n);
+                                if n > 0 {
+                                    return Poll::Ready(Ok(()));
+                                }
+                            }
+                            Err(e) => return this.fail(io::ErrorKind::InvalidData, invalid(e)),
+                        }
+                        continue;
+                    }
+                    // If the caller's buffer is large, read just the rest of the head so that
+                    // the payload can go straight into it; else read ahead as much as fits.
                     let limit = if buf.remaining() >= DIRECT_READ_MIN {
                         DATA_HEAD_LEN
                     } else {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::envelope::{self, Kind};
 use super::{MAGIC, MAX_HEADER_LEN, PROTOCOL_VERSION, ProtoError};
@@ -168,14 +168,38 @@ where
     R: AsyncRead + Unpin + ?Sized,
 {
     let read = async {
-        let mut preface = [0u8; PREFACE_LEN];
-        if !envelope::read_exact_or_eof(r, &mut preface, WHAT).await? {
-            return Err(ProtoError::Closed { what: WHAT });
+        // Preface and length prefix in one read where they arrived together (they are written
+        // together), checked as soon as enough of them is there; then exactly the body.
+        let mut head = [0u8; PREFACE_LEN + envelope::LEN_BYTES];
+        let mut got = 0;
+        while got < head.len() {
+            let Some(dst) = head.get_mut(got..) else {
+                break;
+            };
+            let n = r.read(dst).await.map_err(|e| ProtoError::io(WHAT, e))?;
+            if n == 0 {
+                return Err(if got == 0 {
+                    ProtoError::Closed { what: WHAT }
+                } else {
+                    ProtoError::Truncated { what: WHAT }
+                });
+            }
+            got += n;
+            if let Some(seen) = head.get(..got.min(PREFACE_LEN))
+                && let Err(e) = decode_header(seen)
+            {
+                return Err(e);
+            }
         }
-        check_preface(&preface)?;
-        envelope::read(KIND, r)
-            .await?
-            .ok_or(ProtoError::Truncated { what: WHAT })
+        let (preface, len) = head.split_at(PREFACE_LEN);
+        let preface: &[u8; PREFACE_LEN] = preface
+            .try_into()
+            .map_err(|_| ProtoError::Truncated { what: WHAT })?;
+        check_preface(preface)?;
+        let len: [u8; envelope::LEN_BYTES] = len
+            .try_into()
+            .map_err(|_| ProtoError::Truncated { what: WHAT })?;
+        envelope::read_body(KIND, len, r).await
     };
     tokio::time::timeout(timeout, read)
         .await

@@ -103,6 +103,22 @@
 //! it). The acceptor answers `Forbidden` when policy forbids the target (the agent dials only
 //! VM-loopback ports that are currently listening).
 //!
+//! **Payload before the status.** The opener need not wait for the status before it sends: it
+//! may enter the payload phase in its sending direction right after the header, so that a new
+//! connection's first bytes travel behind the header instead of a round trip later, and read
+//! the status as the first thing of its receiving direction. The acceptor reads exactly the
+//! header and nothing past it, so those bytes wait in the stream while it connects; after
+//! `Ok` they are the first payload it reads. On any other status the acceptor closes the stream
+//! without reading them: **the bytes are discarded, and the opener resets its client** (its
+//! writes may fail before it has read the status, e.g. with `EPIPE`; the status, when it can
+//! still be read, says why). If no status comes within [`STATUS_TIMEOUT`] (or the stream ends
+//! or fails before it), the opener resets its client and *resets* the stream (RESET frame or
+//! the transport's reset), never just closes it: payload may already be on its way, and a clean
+//! end could pass for the end of the client's data. An acceptor therefore never sees a
+//! difference between an opener that waited and one that did not, except that the payload may
+//! already be there when it answers. The forwarder sends early on every `TcpRelay` stream; a
+//! peer written before this rule (which waited) interoperates unchanged.
+//!
 //! A `DialBack` stream is the other way round: the agent sent a [`DialBack`] control message
 //! with a fresh id; the forwarder connects to the host service, then opens a stream with header
 //! `DialBack(id)` and immediately writes the status of its own connect (then, on `Ok`, the
@@ -114,11 +130,13 @@
 //! Relay stream state machine (`TcpRelay`):
 //!
 //! ```text
-//! opener:   write preface+header ─► await status (STATUS_TIMEOUT) ─┬─ Ok ──► payload
-//!                                                                   └─ else ► close, fail client
-//! acceptor: read preface+header (HEADER_TIMEOUT) ─► connect target (CONNECT_TIMEOUT)
-//!           ─► write status ─┬─ Ok ──► payload
-//!                            └─ else ► close
+//! opener:   write preface+header ─┬─► payload out (may start at once, before the status)
+//!                                  └─► await status (STATUS_TIMEOUT) ─┬─ Ok ──► payload in
+//!                                                                     └─ else ► close, reset client
+//!           (no status in time, or the stream fails first ─► reset the stream, reset client)
+//! acceptor: read preface+header (HEADER_TIMEOUT), exactly ─► connect target (CONNECT_TIMEOUT)
+//!           ─► write status ─┬─ Ok ──► payload (early payload from the opener read first)
+//!                            └─ else ► close (early payload discarded unread)
 //! payload:  each direction OPEN ─(half-close)─► ENDED; both ENDED ─► close the stream;
 //!           a reset in either direction ─► both sides reset their client and close
 //! any error before the payload (bad preface, timeout, malformed) ─► close the stream
@@ -388,7 +406,9 @@ pub use header::{
     DialBackId, RelayTarget, StreamHeader, StreamKind, StreamMode, decode_header, encode_header,
     read_header, write_header,
 };
-pub use status::{RelayStatus, decode_status, encode_status, read_status, write_status};
+pub use status::{
+    RelayStatus, StatusReader, decode_status, encode_status, read_status, write_status,
+};
 
 /// The first four bytes of every link stream.
 pub const MAGIC: [u8; 4] = *b"HNLK";

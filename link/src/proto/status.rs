@@ -1,10 +1,12 @@
 //! The relay status: the accepting side's answer to a relay header.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::envelope::{self, Kind};
 use super::{MAX_STATUS_LEN, MAX_STATUS_MESSAGE, ProtoError};
@@ -118,4 +120,79 @@ where
             after: timeout,
         })??
         .ok_or(ProtoError::Closed { what: WHAT })
+}
+
+/// Reads one status without an `async fn`, for a caller that polls other things meanwhile (the
+/// opener's relay, which sends payload before the status: see "Relay streams and the status"
+/// in [`crate::proto`]). Like [`read_status`], it reads exactly the envelope: first its length
+/// and the body's first byte (every status body has at least its tag, so an `Ok` takes one
+/// read), then the rest of the body if there is more; not one payload byte after it.
+#[derive(Debug, Default)]
+pub struct StatusReader {
+    buf: Vec<u8>,
+    got: usize,
+}
+
+/// The shortest status envelope: the length and a one-byte body.
+const SHORTEST: usize = envelope::LEN_BYTES + 1;
+
+impl StatusReader {
+    /// A reader at the start of the status.
+    pub fn new() -> Self {
+        StatusReader {
+            buf: vec![0u8; SHORTEST],
+            got: 0,
+        }
+    }
+
+    /// Reads on from `r`; `Ready` with the status, or with an error (the stream ended before
+    /// or inside the status: [`ProtoError::Closed`], [`ProtoError::Truncated`]; an oversize or
+    /// malformed status; an I/O error).
+    pub fn poll_read<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+    ) -> Poll<Result<RelayStatus, ProtoError>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+    {
+        if self.buf.len() < SHORTEST {
+            self.buf.resize(SHORTEST, 0);
+        }
+        loop {
+            if self.got == self.buf.len() {
+                match decode_status(&self.buf)? {
+                    Some((status, _)) => return Poll::Ready(Ok(status)),
+                    None => {
+                        // The length (checked against the limit by the decoder) says more.
+                        let len = self
+                            .buf
+                            .first_chunk::<{ envelope::LEN_BYTES }>()
+                            .map_or(0, |l| u32::from_be_bytes(*l));
+                        let total = usize::try_from(len)
+                            .map_or(usize::MAX, |l| l.saturating_add(envelope::LEN_BYTES));
+                        if total <= self.buf.len() {
+                            return Poll::Ready(Err(ProtoError::Truncated { what: WHAT }));
+                        }
+                        self.buf.resize(total, 0);
+                    }
+                }
+            }
+            let Some(free) = self.buf.get_mut(self.got..) else {
+                return Poll::Ready(Err(ProtoError::Truncated { what: WHAT }));
+            };
+            let mut rb = ReadBuf::new(free);
+            ready!(Pin::new(&mut *r).poll_read(cx, &mut rb))
+                .map_err(|e| ProtoError::io(WHAT, e))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                return Poll::Ready(Err(if self.got == 0 {
+                    ProtoError::Closed { what: WHAT }
+                } else {
+                    ProtoError::Truncated { what: WHAT }
+                }));
+            }
+            self.got += n;
+        }
+    }
 }

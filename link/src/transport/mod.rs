@@ -76,6 +76,8 @@ mod sys;
 mod tls;
 #[cfg(unix)]
 mod unix;
+#[cfg(unix)]
+mod unix_io;
 
 use std::fmt;
 use std::io;

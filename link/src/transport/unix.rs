@@ -30,6 +30,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use super::SOCKET_MODE;
 use super::endpoint::Endpoint;
 use super::error::TransportError;
+use super::unix_io::UnixIo;
 
 /// Removes the socket file on drop if it is still ours (same device and inode).
 #[derive(Debug)]
@@ -79,18 +80,37 @@ pub(crate) fn probe(path: &Path) -> io::Result<PathState> {
 }
 
 /// Connects to the unix socket at `path`.
-pub(crate) async fn connect(path: &Path) -> io::Result<tokio::net::UnixStream> {
-    tokio::net::UnixStream::connect(path).await
+///
+/// A unix `connect` completes within the call when the listener's backlog has room (and
+/// fails with `EAGAIN` when it has none, as tokio's connect does): so the socket is connected
+/// directly, without the turn of the event loop that tokio's connect spends waiting for a
+/// writable event (one per relayed connection). Where a system answers `EINPROGRESS`, tokio's
+/// connect does it.
+pub(crate) async fn connect(path: &Path) -> io::Result<UnixIo> {
+    let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    match s.connect(&SockAddr::unix(path)?) {
+        Ok(()) => UnixIo::from_std(s.into()),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            drop(s);
+            UnixIo::from_tokio(tokio::net::UnixStream::connect(path).await?)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Accepts one connection: the stream and the peer's pid and uid where the OS tells
 /// (`SO_PEERCRED`, `LOCAL_PEERCRED`).
 pub(crate) async fn accept(
     listener: &tokio::net::UnixListener,
-) -> io::Result<(tokio::net::UnixStream, Option<i32>, Option<u32>)> {
+) -> io::Result<(UnixIo, Option<i32>, Option<u32>)> {
     let (s, _) = listener.accept().await?;
     let cred = s.peer_cred().ok();
-    Ok((s, cred.and_then(|c| c.pid()), cred.map(|c| c.uid())))
+    Ok((
+        UnixIo::from_tokio(s)?,
+        cred.and_then(|c| c.pid()),
+        cred.map(|c| c.uid()),
+    ))
 }
 
 /// Binds and listens on `path` with mode 0600 (see the module docs).

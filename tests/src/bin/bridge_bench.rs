@@ -2,7 +2,8 @@
 //! in one run.
 //!
 //! * direct  — host client → the namespace's veth address (the kernel path, the physical limit);
-//! * hostnet — host client → forwarder on 127.0.0.1:P → unix socket → agent → 127.0.0.1:P inside;
+//! * hostnet — host client → forwarder on 127.0.0.1:P → link (`--transport`: a unix socket by
+//!   default, or tcp / QUIC over the veth pair) → agent → 127.0.0.1:P inside;
 //! * socat   — host client → `socat TCP-LISTEN` on 127.0.0.1:Q → unix socket →
 //!   `socat UNIX-LISTEN` inside → TCP 127.0.0.1:P.
 //!
@@ -32,8 +33,15 @@ use hostnet_e2e::netns::Netns;
 use hostnet_e2e::socat::{self, SocatChain};
 
 #[derive(Debug, Parser)]
-#[command(about = "hostnet bridge benchmark: direct (veth) vs hostnet (unix transport) vs socat")]
+#[command(about = "hostnet bridge benchmark: direct (veth) vs hostnet vs socat")]
 struct Args {
+    /// The link between forwarder and agent: unix, tcp or quic (tcp and quic over the veth).
+    #[arg(long, default_value = "unix", value_parser = parse_transport)]
+    transport: Transport,
+    /// Worker threads of the forwarder's and the agent's runtimes (`HOSTNET_THREADS`; default:
+    /// theirs).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Trials per figure (the median is reported).
     #[arg(long, default_value_t = 5)]
     trials: usize,
@@ -52,6 +60,15 @@ struct Args {
     /// Skip the socat chain.
     #[arg(long)]
     no_socat: bool,
+}
+
+fn parse_transport(s: &str) -> Result<Transport, String> {
+    match s {
+        "unix" => Ok(Transport::Unix),
+        "tcp" => Ok(Transport::Tcp),
+        "quic" => Ok(Transport::Quic),
+        other => Err(format!("unknown transport {other:?} (unix, tcp or quic)")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +156,13 @@ fn main() -> Result<()> {
     let bench_start = Instant::now();
     hostnet_e2e::raise_nofile();
 
-    let mut bridge = Bridge::builder(Transport::Unix).veth().start();
+    let mut builder = Bridge::builder(args.transport).veth();
+    if let Some(n) = args.threads {
+        builder = builder
+            .fwd_env("HOSTNET_THREADS", n.to_string())
+            .agent_env("HOSTNET_THREADS", n.to_string());
+    }
+    let mut bridge = builder.start();
     let ns_ip = bridge.ns.ns_ip();
     let (ps, pe, pu) = (free_port(), free_port(), free_port());
     let _sink = TcpServer::serve(bridge.ns.tcp_listener(sa(ANY4, ps))?, sink_handler);
@@ -326,7 +349,10 @@ fn main() -> Result<()> {
     ];
 
     println!(
-        "hostnet bridge benchmark: {} trials (median), {} s per bulk/UDP trial, {} round trips, {} connections, {} discovery cycles; {} CPUs; total {:.0} s",
+        "hostnet bridge benchmark: {:?} transport, {} runtime threads; {} trials (median), {} s per bulk/UDP trial, {} round trips, {} connections, {} discovery cycles; {} CPUs; total {:.0} s",
+        args.transport,
+        args.threads
+            .map_or("default".to_string(), |n| n.to_string()),
         args.trials,
         args.secs,
         args.round_trips,

@@ -10,7 +10,9 @@ use super::hvsock::Guid;
 pub(crate) use super::unix::{
     SocketFile, accept as unix_accept, bind as unix_bind, connect as unix_connect,
 };
-pub(crate) use tokio::net::{UnixListener, UnixStream};
+/// A connected unix stream, watched for reading only (see `unix_io`).
+pub(crate) use super::unix_io::UnixIo as UnixStream;
+pub(crate) use tokio::net::UnixListener;
 
 /// A stream to or from the VM's socket family: AF_VSOCK here.
 pub(crate) type VmStream = tokio_vsock::VsockStream;

@@ -15,7 +15,9 @@ pub(crate) use never::{vm_accept, vsock_bind, vsock_connect};
 pub(crate) use super::unix::{
     SocketFile, accept as unix_accept, bind as unix_bind, connect as unix_connect,
 };
-pub(crate) use tokio::net::{UnixListener, UnixStream};
+/// A connected unix stream, watched for reading only (see `unix_io`).
+pub(crate) use super::unix_io::UnixIo as UnixStream;
+pub(crate) use tokio::net::UnixListener;
 
 /// No VM socket family on this host.
 pub(crate) type VmStream = never::Never;
