@@ -87,7 +87,8 @@ pub struct CommonArgs {
     /// Idle timeout of a UDP flow, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub udp_timeout: u64,
-    /// Limit on UDP flows (the least recently used flow of a port is evicted beyond it).
+    /// Limit on UDP flows of a session (both directions); beyond it the least recently used
+    /// flow is closed (and the agent told), counted.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_UDP_FLOWS, value_parser = positive)]
     pub max_udp_flows: usize,
     /// Limit on concurrent link streams (relayed connections, flows, dial-backs).

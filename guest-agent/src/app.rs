@@ -90,7 +90,8 @@ pub struct RunArgs {
     /// Concurrent TCP relays (forward and reverse); more are refused and counted.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams: u32,
-    /// Concurrent UDP flows (forward and reverse); more are refused and counted.
+    /// UDP flows open at once (forward and reverse); beyond it the least recently used is
+    /// closed (and the forwarder told), counted.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_udp_flows: u32,
     /// Threads of the async runtime: 1 (the default) runs every relay on one event loop, more
