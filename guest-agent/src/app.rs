@@ -133,23 +133,12 @@ pub fn main(cli: Cli) -> ExitCode {
     init_logging(format);
     let result = match cli.command {
         Command::Ports(a) => ports(&a).map(|()| 0),
-        // One thread by default: see the forwarder's `runtime_with` (measured: a second thread
+        // One thread by default: see `hostnet_link::runtime` (measured: a second thread
         // shortens round trips a little on 2 vCPUs but costs connections a second and idle
         // wake-ups).
-        Command::Run(a) => {
-            let threads = usize::from(a.threads);
-            let mut b = if threads <= 1 {
-                tokio::runtime::Builder::new_current_thread()
-            } else {
-                let mut b = tokio::runtime::Builder::new_multi_thread();
-                b.worker_threads(threads);
-                b
-            };
-            b.enable_all()
-                .build()
-                .context("starting the tokio runtime")
-                .and_then(|rt| rt.block_on(run(a)))
-        }
+        Command::Run(a) => hostnet_link::runtime(usize::from(a.threads))
+            .context("starting the tokio runtime")
+            .and_then(|rt| rt.block_on(run(a))),
     };
     match result {
         Ok(code) => ExitCode::from(code),
