@@ -21,6 +21,8 @@ fn five_thousand_client_ports_stay_bounded_and_a_fresh_client_is_served() {
     if !privileged("five_thousand_client_ports_stay_bounded_and_a_fresh_client_is_served") {
         return;
     }
+    // 5,000 client sockets: more descriptors than a default soft limit of 1,024.
+    hostnet_e2e::raise_nofile();
     let mut b = Bridge::unix();
     let port = free_port();
     let echo = UdpEcho::serve(b.ns.udp_socket(sa(ANY4, port)).unwrap());
