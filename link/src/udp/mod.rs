@@ -373,11 +373,9 @@ impl Inner {
         }
         let now = Instant::now();
         let mut t = lock(&self.table);
-        if let Some(f) = t.touch_client(lid, client, now) {
-            if let Some(tally) = &f.tally {
-                tally.sent(payload.len());
-            }
-            let flow = t.flow_of(lid, client).unwrap_or_default();
+        if let Some(flow) = t.flow_of(lid, client)
+            && t.sent(flow, now, payload.len())
+        {
             drop(t);
             self.out.send(&Frame::Data { flow, payload });
             return;
@@ -609,14 +607,9 @@ impl Inner {
 
     /// A datagram the target sent back on a dialed flow's socket.
     fn target_datagram(&self, flow: u32, payload: &[u8]) -> bool {
-        let mut t = lock(&self.table);
-        let Some(f) = t.touch(flow, Instant::now()) else {
+        if !lock(&self.table).sent(flow, Instant::now(), payload.len()) {
             return false;
-        };
-        if let Some(tally) = &f.tally {
-            tally.sent(payload.len());
         }
-        drop(t);
         self.out.send(&Frame::Data { flow, payload });
         true
     }

@@ -115,21 +115,22 @@ impl Table {
         self.listeners.get(&lid)
     }
 
-    /// The flow of `client` on listener `lid`, marked used now.
-    pub fn touch_client(&mut self, lid: u32, client: SocketAddr, now: Instant) -> Option<&Flow> {
-        let id = *self.by_client.get(&(lid, client))?;
-        self.touch(id, now).map(|f| &*f)
-    }
-
+    /// The flow of `client` on listener `lid`.
     pub fn flow_of(&self, lid: u32, client: SocketAddr) -> Option<u32> {
         self.by_client.get(&(lid, client)).copied()
     }
 
-    /// Marks a flow used now and says where the peer's datagrams for it go.
-    pub fn touch(&mut self, id: u32, now: Instant) -> Option<&mut Flow> {
-        let f = self.flows.get_mut(&id)?;
+    /// A datagram of `len` bytes towards the peer on flow `id`: marks the flow used and counts
+    /// it; `false` when there is no such flow.
+    pub fn sent(&mut self, id: u32, now: Instant, len: usize) -> bool {
+        let Some(f) = self.flows.get_mut(&id) else {
+            return false;
+        };
         f.last = now;
-        Some(f)
+        if let Some(t) = &f.tally {
+            t.sent(len);
+        }
+        true
     }
 
     /// A datagram of `len` bytes from the peer for flow `id`: marks the flow used, counts it,
