@@ -272,3 +272,70 @@ mod tests {
         assert_eq!(ratio(Some(1.0), None), "-");
     }
 }
+
+/// One figure of a benchmark table: its name, its unit and one value per path.
+#[derive(Debug, Clone)]
+pub struct Row<const N: usize> {
+    pub name: String,
+    pub unit: &'static str,
+    pub values: [Option<f64>; N],
+}
+
+/// Prints `rows` as a markdown table: figure, unit, a column per path in `paths`, then a
+/// column per ratio `(name, a, b)` (`values[a] / values[b]`); columns as wide as their
+/// contents.
+pub fn print_table<const N: usize>(
+    paths: [&str; N],
+    ratios: &[(&str, usize, usize)],
+    rows: &[Row<N>],
+) {
+    let mut cells: Vec<Vec<String>> = Vec::with_capacity(rows.len() + 1);
+    cells.push(
+        ["figure", "unit"]
+            .into_iter()
+            .chain(paths)
+            .chain(ratios.iter().map(|r| r.0))
+            .map(String::from)
+            .collect(),
+    );
+    for r in rows {
+        let mut line = vec![r.name.clone(), r.unit.to_string()];
+        line.extend(r.values.iter().map(|v| fmt(*v)));
+        line.extend(
+            ratios
+                .iter()
+                .map(|&(_, a, b)| ratio(r.values[a], r.values[b])),
+        );
+        cells.push(line);
+    }
+    let widths: Vec<usize> = (0..cells[0].len())
+        .map(|c| {
+            cells
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let print = |line: &[String]| {
+        let mut out = String::from("|");
+        for (c, (cell, w)) in line.iter().zip(&widths).enumerate() {
+            let pad = " ".repeat(w - cell.chars().count());
+            if c == 0 {
+                out.push_str(&format!(" {cell}{pad} |"));
+            } else {
+                out.push_str(&format!(" {pad}{cell} |"));
+            }
+        }
+        println!("{out}");
+    };
+    print(&cells[0]);
+    let rule: String = widths
+        .iter()
+        .map(|w| format!("|{}", "-".repeat(w + 2)))
+        .collect();
+    println!("{rule}|");
+    for line in &cells[1..] {
+        print(line);
+    }
+}

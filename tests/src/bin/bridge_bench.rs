@@ -25,8 +25,8 @@ use clap::Parser;
 use hostnet_e2e::TempDir;
 use hostnet_e2e::bridge::{Bridge, Transport};
 use hostnet_e2e::measure::{
-    bulk, conn_rate, cpu_secs, echo_nodelay, fmt, median, pct, ratio, rr, sink_handler, udp_rate,
-    wait_until_fast,
+    Row, bulk, conn_rate, cpu_secs, echo_nodelay, median, pct, print_table, rr, sink_handler,
+    udp_rate, wait_until_fast,
 };
 use hostnet_e2e::net::{ANY4, LO4, TcpServer, free_port, refused, sa};
 use hostnet_e2e::netns::Netns;
@@ -135,12 +135,6 @@ fn discovery(ns: &Netns, cycles: usize) -> Result<(Vec<f64>, Vec<f64>)> {
         down.push(t1.elapsed().as_secs_f64() * 1e3);
     }
     Ok((up, down))
-}
-
-struct Row {
-    name: String,
-    unit: &'static str,
-    values: [Option<f64>; 3],
 }
 
 fn main() -> Result<()> {
@@ -361,27 +355,11 @@ fn main() -> Result<()> {
         thread::available_parallelism().map_or(0, |n| n.get()),
         bench_start.elapsed().as_secs_f64()
     );
-    println!(
-        "| {:<36} | {:>7} | {:>9} | {:>9} | {:>9} | {:>14} | {:>13} |",
-        "figure", "unit", "direct", "hostnet", "socat", "hostnet/direct", "hostnet/socat"
+    print_table(
+        ["direct", "hostnet", "socat"],
+        &[("hostnet/direct", 1, 0), ("hostnet/socat", 1, 2)],
+        &rows,
     );
-    println!(
-        "|{:-<38}|{:-<9}|{:-<11}|{:-<11}|{:-<11}|{:-<16}|{:-<15}|",
-        "", "", "", "", "", "", ""
-    );
-    for r in &rows {
-        let [d, h, s] = r.values;
-        println!(
-            "| {:<36} | {:>7} | {:>9} | {:>9} | {:>9} | {:>14} | {:>13} |",
-            r.name,
-            r.unit,
-            fmt(d),
-            fmt(h),
-            fmt(s),
-            ratio(h, d),
-            ratio(h, s)
-        );
-    }
     if let [Some(d), Some(h), _] = med(&rr50) {
         println!("latency overhead hostnet - direct, p50: {:.1} µs", h - d);
     }

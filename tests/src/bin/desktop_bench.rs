@@ -26,7 +26,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hostnet_e2e::desktop::{DesktopVm, http_get, run_d};
 use hostnet_e2e::dockerd::{Dockerd, IMAGE, INDEX_HTML};
-use hostnet_e2e::measure::{bulk, conn_rate, fmt, median, pct, ratio, rr, wait_until_fast};
+use hostnet_e2e::measure::{
+    Row, bulk, conn_rate, fmt, median, pct, print_table, rr, wait_until_fast,
+};
 use hostnet_e2e::net::{LO4, free_port, sa, tcp_listeners};
 use hostnet_e2e::netns::Netns;
 
@@ -163,12 +165,6 @@ fn starts(d: &Dockerd, ns: &Netns, n: usize, published: bool) -> Result<Starts> 
     Ok(s)
 }
 
-struct Row {
-    name: String,
-    unit: &'static str,
-    values: [Option<f64>; 4],
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -200,35 +196,11 @@ fn main() -> Result<()> {
         thread::available_parallelism().map_or(0, |n| n.get()),
         bench_start.elapsed().as_secs_f64()
     );
-    println!(
-        "| {:<26} | {:>6} | {:>12} | {:>8} | {:>8} | {:>11} | {:>15} | {:>21} |",
-        "figure",
-        "unit",
-        PATHS[0],
-        PATHS[1],
-        PATHS[2],
-        PATHS[3],
-        "bridge/VM host",
-        "bridge + -p/VM, -p"
+    print_table(
+        PATHS,
+        &[("bridge/VM host", 1, 0), ("bridge + -p/VM, -p", 3, 2)],
+        &rows,
     );
-    println!(
-        "|{:-<28}|{:-<8}|{:-<14}|{:-<10}|{:-<10}|{:-<13}|{:-<17}|{:-<23}|",
-        "", "", "", "", "", "", "", ""
-    );
-    for r in &rows {
-        let [a, b, c, e] = r.values;
-        println!(
-            "| {:<26} | {:>6} | {:>12} | {:>8} | {:>8} | {:>11} | {:>15} | {:>21} |",
-            r.name,
-            r.unit,
-            fmt(a),
-            fmt(b),
-            fmt(c),
-            fmt(e),
-            ratio(b, a),
-            ratio(e, c)
-        );
-    }
     println!();
     println!(
         "| {:<44} | {:>14} | {:>14} |",
@@ -244,7 +216,7 @@ fn main() -> Result<()> {
 type StartRow = (String, Option<f64>, Option<f64>);
 
 /// Starts the servers, measures, and removes the containers.
-fn measure(args: &Args, ns: &Netns, d: &Dockerd) -> Result<(Vec<Row>, Vec<StartRow>)> {
+fn measure(args: &Args, ns: &Netns, d: &Dockerd) -> Result<(Vec<Row<4>>, Vec<StartRow>)> {
     let t0 = Instant::now();
     // The same servers twice: on the VM's network, and in bridge mode published with -p.
     let (ps, pe, hs, he) = (free_port(), free_port(), free_port(), free_port());

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use clap::Parser;
 use hostnet_e2e::bridge::{Bridge, Transport};
-use hostnet_e2e::measure::{fmt, median, ratio, udp_first_rtt, udp_rate_sized};
+use hostnet_e2e::measure::{Row, median, print_table, udp_first_rtt, udp_rate_sized};
 use hostnet_e2e::net::{ANY4, LO4, free_port, sa};
 use hostnet_e2e::process::rss_kib;
 
@@ -128,13 +128,6 @@ fn per_flow(s: &Side, n: usize) -> Result<(f64, f64)> {
     Ok((per(after.0, before.0), per(after.1, before.1)))
 }
 
-struct Row {
-    name: &'static str,
-    unit: &'static str,
-    /// direct, unix, quic
-    values: [Option<f64>; 3],
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -182,32 +175,32 @@ fn main() -> Result<()> {
     };
     let rows = [
         Row {
-            name: "UDP 64 B delivered",
+            name: "UDP 64 B delivered".into(),
             unit: "pkt/s",
             values: med(&small),
         },
         Row {
-            name: "UDP 1400 B delivered",
+            name: "UDP 1400 B delivered".into(),
             unit: "pkt/s",
             values: med(&large),
         },
         Row {
-            name: "new flow, first datagram RTT p50",
+            name: "new flow, first datagram RTT p50".into(),
             unit: "µs",
             values: med(&first50),
         },
         Row {
-            name: "new flow, first datagram RTT p99",
+            name: "new flow, first datagram RTT p99".into(),
             unit: "µs",
             values: med(&first99),
         },
         Row {
-            name: "forwarder memory per idle flow",
+            name: "forwarder memory per idle flow".into(),
             unit: "B",
             values: [None, Some(fu), Some(fq)],
         },
         Row {
-            name: "agent memory per idle flow",
+            name: "agent memory per idle flow".into(),
             unit: "B",
             values: [None, Some(au), Some(aq)],
         },
@@ -221,27 +214,11 @@ fn main() -> Result<()> {
         thread::available_parallelism().map_or(0, |n| n.get()),
         start.elapsed().as_secs_f64()
     );
-    println!(
-        "| {:<34} | {:>5} | {:>9} | {:>9} | {:>9} | {:>11} | {:>11} |",
-        "figure", "unit", "direct", "unix", "quic", "unix/direct", "quic/direct"
+    print_table(
+        ["direct", "unix", "quic"],
+        &[("unix/direct", 1, 0), ("quic/direct", 2, 0)],
+        &rows,
     );
-    println!(
-        "|{:-<36}|{:-<7}|{:-<11}|{:-<11}|{:-<11}|{:-<13}|{:-<13}|",
-        "", "", "", "", "", "", ""
-    );
-    for r in &rows {
-        let [d, u, q] = r.values;
-        println!(
-            "| {:<34} | {:>5} | {:>9} | {:>9} | {:>9} | {:>11} | {:>11} |",
-            r.name,
-            r.unit,
-            fmt(d),
-            fmt(u),
-            fmt(q),
-            ratio(u, d),
-            ratio(q, d)
-        );
-    }
     for (name, s) in [("unix", &unix), ("quic", &quic)] {
         let c = s.bridge.status_json().map(|v| v["counters"].clone());
         if let Ok(c) = c {
