@@ -479,7 +479,9 @@ async fn poll_mode_when_forced_polls_and_sees_removals_at_once() {
         by_inode(s, udp_ino).is_none()
     })
     .await;
-    assert!(handle.stats().kernel_events >= 2, "{:?}", handle.stats());
+    // Seen through the destroy announcements (the periodic poll is an hour away); both may be
+    // read in one wake-up, so at least one event.
+    assert!(handle.stats().kernel_events >= 1, "{:?}", handle.stats());
     handle.stop();
 }
 
