@@ -4,7 +4,7 @@
 //!
 //! - [`Tracepoints`]: perf tracepoint events, system-wide (one per online CPU), each with a small
 //!   ring buffer that is only ever emptied (the records are not read): `sock:inet_sock_set_state`
-//!   filtered in the kernel to TCP transitions into or out of `LISTEN`, and
+//!   filtered in the kernel to TCP transitions into `LISTEN` and from it to `CLOSE`, and
 //!   `syscalls:sys_enter_bind` filtered to inet address lengths (a UDP socket is a listener from
 //!   its bind on). Needs
 //!   `CAP_PERFMON` (or root) and the tracepoint ids from tracefs; when tracefs is not mounted and
@@ -27,14 +27,20 @@ use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
 use super::set::Protocol;
 
 /// The tracepoints and their kernel-side filters (ftrace filter syntax): TCP (`IPPROTO_TCP`, 6)
-/// state changes into or out of `TCP_LISTEN` (10), and binds with the address length of
+/// state changes into `TCP_LISTEN` (10) or from it to `TCP_CLOSE` (7), and binds with the
+/// address length of
 /// `sockaddr_in` (16; also `sockaddr_vm`), `sockaddr_in6` (28) or `sockaddr_storage` (128).
+/// Not every change out of `LISTEN`: each connection a listener accepts is born a clone of the
+/// listener and leaves `LISTEN` for `SYN_RECV`, so that filter woke the watcher (and made it
+/// dump) for every accepted connection of the system — under a connection storm, hundreds of
+/// times a second. A listener only ever leaves `LISTEN` for `CLOSE` (close, shutdown,
+/// disconnect).
 /// The length filter leaves out netlink binds, which every getaddrinfo(3) does; the entry (not
 /// the exit) is traced because only it has the length, and the watcher's re-check dump 2 ms
 /// later sees a bind that was not complete at the first.
 const TCP_LISTEN_EVENT: (&str, &str) = (
     "sock/inet_sock_set_state",
-    "protocol == 6 && (newstate == 10 || oldstate == 10)",
+    "protocol == 6 && (newstate == 10 || (oldstate == 10 && newstate == 7))",
 );
 const BIND_EVENT: (&str, &str) = (
     "syscalls/sys_enter_bind",
