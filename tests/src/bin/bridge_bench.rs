@@ -60,6 +60,16 @@ struct Args {
     /// Skip the socat chain.
     #[arg(long)]
     no_socat: bool,
+    /// Measure only these figures (comma-separated: bulk, rr, conn, udp, discovery); all by
+    /// default. For profiling one figure.
+    #[arg(long, value_delimiter = ',', value_parser = ["bulk", "rr", "conn", "udp", "discovery"])]
+    only: Vec<String>,
+}
+
+impl Args {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|f| f == figure)
+    }
 }
 
 fn parse_transport(s: &str) -> Result<Transport, String> {
@@ -248,23 +258,29 @@ fn main() -> Result<()> {
             let what = |m: &str| format!("{m} via {} (trial {trial})", p.name());
             let s = sink.get(*p).unwrap();
             let e = echo.get(*p).unwrap();
-            let c0 = cpu_secs(&relay_pids[i]);
-            let t0 = Instant::now();
-            let g = bulk(s, 1, args.secs).with_context(|| what("bulk 1"))?;
-            let gb = g * t0.elapsed().as_secs_f64() / 8.0;
-            if !relay_pids[i].is_empty() {
-                // socat copies in a child per connection, counted in the parent (cutime) only
-                // once reaped: give the children time to exit and be reaped.
-                thread::sleep(Duration::from_millis(300));
-                cpu_gb[i].push((cpu_secs(&relay_pids[i]) - c0) * 1e3 / gb);
+            if args.wants("bulk") {
+                let c0 = cpu_secs(&relay_pids[i]);
+                let t0 = Instant::now();
+                let g = bulk(s, 1, args.secs).with_context(|| what("bulk 1"))?;
+                let gb = g * t0.elapsed().as_secs_f64() / 8.0;
+                if !relay_pids[i].is_empty() {
+                    // socat copies in a child per connection, counted in the parent (cutime)
+                    // only once reaped: give the children time to exit and be reaped.
+                    thread::sleep(Duration::from_millis(300));
+                    cpu_gb[i].push((cpu_secs(&relay_pids[i]) - c0) * 1e3 / gb);
+                }
+                bulk1[i].push(g);
+                bulk4[i].push(bulk(s, 4, args.secs).with_context(|| what("bulk 4"))?);
             }
-            bulk1[i].push(g);
-            bulk4[i].push(bulk(s, 4, args.secs).with_context(|| what("bulk 4"))?);
-            let (a, b) = rr(e, args.round_trips).with_context(|| what("rr"))?;
-            rr50[i].push(a);
-            rr99[i].push(b);
-            cps[i].push(conn_rate(e, args.conns).with_context(|| what("connection rate"))?);
-            if let Some(u) = udp.get(*p) {
+            if args.wants("rr") {
+                let (a, b) = rr(e, args.round_trips).with_context(|| what("rr"))?;
+                rr50[i].push(a);
+                rr99[i].push(b);
+            }
+            if args.wants("conn") {
+                cps[i].push(conn_rate(e, args.conns).with_context(|| what("connection rate"))?);
+            }
+            if let Some(u) = udp.get(*p).filter(|_| args.wants("udp")) {
                 let (got, sent) =
                     udp_rate(u, &udp_count, args.secs).with_context(|| what("udp"))?;
                 pps[i].push(got);
@@ -273,13 +289,17 @@ fn main() -> Result<()> {
         }
         eprintln!("trial {} done ({:?})", trial + 1, bench_start.elapsed());
     }
-    let (mut up, mut down) = discovery(&bridge.ns, args.cycles)?;
+    let (mut up, mut down) = if args.wants("discovery") {
+        discovery(&bridge.ns, args.cycles)?
+    } else {
+        (vec![], vec![])
+    };
 
     let med = |v: &[Vec<f64>; 3]| -> [Option<f64>; 3] {
         std::array::from_fn(|i| (!v[i].is_empty()).then(|| median(v[i].clone())))
     };
     let only_hostnet = |x: f64| [None, Some(x), None];
-    let rows = vec![
+    let mut rows = vec![
         Row {
             name: "TCP bulk, 1 stream".into(),
             unit: "Gbit/s",
@@ -342,6 +362,8 @@ fn main() -> Result<()> {
         },
     ];
 
+    // Figures not measured (`--only`) are left out.
+    rows.retain(|r| r.values.iter().any(|v| v.is_some_and(|x| !x.is_nan())));
     println!(
         "hostnet bridge benchmark: {:?} transport, {} runtime threads; {} trials (median), {} s per bulk/UDP trial, {} round trips, {} connections, {} discovery cycles; {} CPUs; total {:.0} s",
         args.transport,
