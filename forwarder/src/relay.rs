@@ -93,6 +93,27 @@ impl<T> Counted<T> {
     }
 }
 
+/// Spliced bytes are counted like read and written ones.
+impl<T: hostnet_link::splice::Splice> hostnet_link::splice::Splice for Counted<T> {
+    #[cfg(target_os = "linux")]
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        interest: tokio::io::Interest,
+        op: &mut hostnet_link::splice::FdOp<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        let r = self.inner.poll_splice(cx, interest, op)?;
+        if let Poll::Ready(Ok(n)) = r {
+            self.count(interest.is_readable(), n);
+        }
+        Some(r)
+    }
+
+    fn can_splice(&self) -> bool {
+        self.inner.can_splice()
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     fn poll_read(
         self: Pin<&mut Self>,

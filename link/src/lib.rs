@@ -6,7 +6,8 @@
 //!   `quic://`, `hvsock://`), each giving authenticated byte streams that can half-close and
 //!   reset; the ones a host system lacks are refused with a clear error.
 //! - [`relay`]: the byte relay between a local TCP connection and a link stream, with
-//!   half-close carried and resets passed on; both sides use it.
+//!   half-close carried and resets passed on; both sides use it. It moves bulk data with
+//!   [`splice`] where the system and both ends allow (Linux, unix link streams).
 //! - [`discovery`]: the listener set and its diff (every host); on Linux, the listening sockets
 //!   of this machine through netlink sock_diag, and a watcher that reports additions and
 //!   removals.
@@ -23,6 +24,7 @@ pub mod discovery;
 pub mod ports;
 pub mod proto;
 pub mod relay;
+pub mod splice;
 pub mod transport;
 pub mod udp;
 

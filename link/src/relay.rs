@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proto::framed::DATA_HEAD_LEN;
 use crate::proto::{PayloadStream, ProtoError, RelayStatus, STATUS_TIMEOUT, StatusReader};
+#[cfg(target_os = "linux")]
+use crate::splice::Pipe;
+use crate::splice::Splice;
 use crate::transport::Stream;
 
 /// Copy buffer of a direction while data flows (taken from a small pool when a read is due,
@@ -47,6 +50,47 @@ fn give_buffer(buf: Box<[u8]>) {
     }
 }
 
+/// A direction's first spliced read after a copied read at least this large (a bulk sender):
+/// below it, a read and a write cost less than the splices and the pipe.
+#[cfg(target_os = "linux")]
+const SPLICE_AFTER: usize = 64 * 1024;
+/// A splice that moved less than this (the sender slowed down) makes the direction copy
+/// again until the next large read.
+#[cfg(target_os = "linux")]
+const SPLICE_SMALL: usize = 16 * 1024;
+/// Link data frames whose payload left to read is at least this large are spliced.
+#[cfg(target_os = "linux")]
+const SPLICE_FRAME_MIN: usize = 16 * 1024;
+
+/// Whether and when a direction splices instead of copying (see [`crate::splice`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum SpliceMode {
+    /// Never: an end cannot be spliced (or not on this system).
+    #[default]
+    Off,
+    /// From the local connection to the link: after a large read, until a small splice.
+    Bulk { on: bool },
+    /// From the link to the local connection: the payload of each large data frame.
+    Frames,
+}
+
+/// Where a direction reads from: the local connection, or the link.
+trait Source {
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>>;
+    /// Splices bytes into the (empty) pipe; `None` when the bytes due now are not to be spliced
+    /// (the link is at a frame head or a small frame): read them.
+    #[cfg(target_os = "linux")]
+    fn poll_splice_in(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut Pipe,
+    ) -> Option<Poll<io::Result<usize>>>;
+}
+
 /// Where a direction writes: the local connection, or the link (with a frame head written in
 /// the buffer's headroom).
 trait Sink {
@@ -54,11 +98,41 @@ trait Sink {
     fn poll_write_buf(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Splices bytes out of the pipe; the bytes moved.
+    #[cfg(target_os = "linux")]
+    fn poll_splice_out(&mut self, cx: &mut Context<'_>, pipe: &mut Pipe)
+    -> Poll<io::Result<usize>>;
+}
+
+#[cfg(target_os = "linux")]
+fn unsupported() -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, "this end cannot be spliced")
 }
 
 struct Local<'a, C>(&'a mut C);
 
-impl<C: AsyncWrite + Unpin> Sink for Local<'_, C> {
+impl<C: AsyncRead + Splice + Unpin> Source for Local<'_, C> {
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+    #[cfg(target_os = "linux")]
+    fn poll_splice_in(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut Pipe,
+    ) -> Option<Poll<io::Result<usize>>> {
+        self.0
+            .poll_splice(cx, tokio::io::Interest::READABLE, &mut |fd| {
+                pipe.fill(fd, RELAY_BUFFER)
+            })
+    }
+}
+
+impl<C: AsyncWrite + Splice + Unpin> Sink for Local<'_, C> {
     fn poll_write_buf(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.0).poll_write(cx, buf.get(HEADROOM..).unwrap_or_default())
     }
@@ -68,9 +142,45 @@ impl<C: AsyncWrite + Unpin> Sink for Local<'_, C> {
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.0).poll_shutdown(cx)
     }
+    #[cfg(target_os = "linux")]
+    fn poll_splice_out(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut Pipe,
+    ) -> Poll<io::Result<usize>> {
+        let held = pipe.held();
+        self.0
+            .poll_splice(cx, tokio::io::Interest::WRITABLE, &mut |fd| {
+                pipe.drain(fd, held)
+            })
+            .unwrap_or_else(|| Poll::Ready(Err(unsupported())))
+    }
 }
 
-impl<S: AsyncWrite + Unpin> Sink for PayloadStream<S> {
+impl<S: AsyncRead + AsyncWrite + Splice + Unpin> Source for PayloadStream<S> {
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_read(cx, buf)
+    }
+    #[cfg(target_os = "linux")]
+    fn poll_splice_in(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut Pipe,
+    ) -> Option<Poll<io::Result<usize>>> {
+        match self {
+            PayloadStream::Framed(f) if f.splice_readable() >= SPLICE_FRAME_MIN => {
+                Some(f.poll_splice_read(cx, &mut |fd, max| pipe.fill(fd, max)))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Splice + Unpin> Sink for PayloadStream<S> {
     fn poll_write_buf(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         self.poll_write_headroom(cx, buf)
     }
@@ -80,12 +190,36 @@ impl<S: AsyncWrite + Unpin> Sink for PayloadStream<S> {
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(self).poll_shutdown(cx)
     }
+    #[cfg(target_os = "linux")]
+    fn poll_splice_out(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut Pipe,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            PayloadStream::Framed(f) => {
+                let held = pipe.held();
+                f.poll_splice_write(cx, held, &mut |fd, max| pipe.drain(fd, max))
+            }
+            PayloadStream::Raw(_) => Poll::Ready(Err(unsupported())),
+        }
+    }
+}
+
+/// Whether the link stream's payload can be spliced: framed on a unix socket (the relay does
+/// not splice raw streams, which are QUIC's).
+fn link_splices<S: Splice>(link: &PayloadStream<S>) -> bool {
+    matches!(link, PayloadStream::Framed(f) if f.get_ref().can_splice())
 }
 
 /// One direction of a relay, like tokio's `copy` (read, write it all, again; at EOF flush and
-/// shut the writer down), except that the buffer is held only while data flows.
+/// shut the writer down), except that the buffer is held only while data flows, and that bulk
+/// data is spliced where both ends allow (the pipe, too, held only while data flows).
 #[derive(Default)]
 struct Direction {
+    splice: SpliceMode,
+    #[cfg(target_os = "linux")]
+    pipe: Option<Pipe>,
     /// Holds `buf[HEADROOM + pos .. HEADROOM + cap]` still to write.
     buf: Option<Box<[u8]>>,
     pos: usize,
@@ -98,20 +232,22 @@ struct Direction {
 }
 
 impl Direction {
+    fn new(splice: SpliceMode) -> Self {
+        let mut d = Direction::default();
+        d.splice = splice;
+        d
+    }
+
     /// Reads into the free end of the buffer (taking one if none is held); `Pending` leaves
     /// the state as it was (a buffer taken for nothing is given back by the caller).
-    fn poll_fill<R: AsyncRead + Unpin>(
-        &mut self,
-        cx: &mut Context<'_>,
-        r: &mut R,
-    ) -> Poll<io::Result<()>> {
+    fn poll_fill<R: Source>(&mut self, cx: &mut Context<'_>, r: &mut R) -> Poll<io::Result<()>> {
         let buf = self.buf.get_or_insert_with(take_buffer);
         let Some(free) = buf.get_mut(HEADROOM + self.cap..) else {
             return Poll::Ready(Err(io::Error::other("relay buffer overrun")));
         };
         let mut rb = ReadBuf::new(free);
         loop {
-            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            match r.poll_read_buf(cx, &mut rb) {
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => break,
@@ -122,8 +258,98 @@ impl Direction {
         if n == 0 {
             self.read_done = true;
         }
+        #[cfg(target_os = "linux")]
+        if n >= SPLICE_AFTER && self.splice == (SpliceMode::Bulk { on: false }) {
+            self.splice = SpliceMode::Bulk { on: true };
+        }
         self.cap += n;
         Poll::Ready(Ok(()))
+    }
+
+    /// Gives the pipe back if it holds nothing.
+    #[cfg(target_os = "linux")]
+    fn release_pipe(&mut self) {
+        if self.pipe.as_ref().is_some_and(|p| p.held() == 0)
+            && let Some(p) = self.pipe.take()
+        {
+            p.give();
+        }
+    }
+
+    /// The spliced part of [`Direction::poll_copy`], run when the copy buffer holds nothing to
+    /// write: bytes in the pipe go out first; then, when splicing is on and the source has
+    /// bytes to splice, the pipe is filled. `Ready(Ok(true))`: something moved (or the source
+    /// ended: `read_done`); `Ready(Ok(false))`: copy instead.
+    #[cfg(target_os = "linux")]
+    fn poll_spliced<R: Source, W: Sink>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<bool>> {
+        if let Some(pipe) = self.pipe.as_mut()
+            && pipe.held() > 0
+        {
+            while pipe.held() > 0 {
+                let n = ready!(w.poll_splice_out(cx, pipe))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "splice moved zero bytes into the relay's writer",
+                    )));
+                }
+                self.amt += n as u64;
+                self.need_flush = true;
+            }
+            return Poll::Ready(Ok(true));
+        }
+        let on = match self.splice {
+            SpliceMode::Off => false,
+            SpliceMode::Bulk { on } => on,
+            SpliceMode::Frames => true,
+        };
+        if !on || self.read_done {
+            self.release_pipe();
+            return Poll::Ready(Ok(false));
+        }
+        let pipe = match self.pipe.as_mut() {
+            Some(p) => p,
+            None => match Pipe::take() {
+                Ok(p) => self.pipe.insert(p),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for splicing; the relay copies");
+                    self.splice = SpliceMode::Off;
+                    return Poll::Ready(Ok(false));
+                }
+            },
+        };
+        match r.poll_splice_in(cx, pipe) {
+            None => {
+                self.release_pipe();
+                Poll::Ready(Ok(false))
+            }
+            Some(Poll::Pending) => {
+                // Nothing to read: hold no pipe while idle; push out what was written.
+                self.release_pipe();
+                if self.need_flush {
+                    ready!(w.poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                Poll::Pending
+            }
+            Some(Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+            Some(Poll::Ready(Ok(0))) => {
+                self.read_done = true;
+                self.release_pipe();
+                Poll::Ready(Ok(true))
+            }
+            Some(Poll::Ready(Ok(n))) => {
+                if n < SPLICE_SMALL && matches!(self.splice, SpliceMode::Bulk { .. }) {
+                    self.splice = SpliceMode::Bulk { on: false };
+                }
+                Poll::Ready(Ok(true))
+            }
+        }
     }
 
     /// Gives the buffer back if it holds nothing to write.
@@ -137,11 +363,11 @@ impl Direction {
         }
     }
 
-    fn poll_copy<R: AsyncRead + Unpin>(
+    fn poll_copy<R: Source, W: Sink>(
         &mut self,
         cx: &mut Context<'_>,
         r: &mut R,
-        w: &mut impl Sink,
+        w: &mut W,
     ) -> Poll<io::Result<u64>> {
         loop {
             if self.done {
@@ -150,6 +376,10 @@ impl Direction {
             if self.shut {
                 ready!(w.poll_shutdown(cx))?;
                 self.done = true;
+                continue;
+            }
+            #[cfg(target_os = "linux")]
+            if self.pos == self.cap && ready!(self.poll_spliced(cx, r, w))? && !self.read_done {
                 continue;
             }
             let room = self.cap < RELAY_BUFFER;
@@ -215,19 +445,33 @@ impl Drop for Direction {
         if let Some(b) = self.buf.take() {
             give_buffer(b);
         }
+        #[cfg(target_os = "linux")]
+        if let Some(p) = self.pipe.take() {
+            p.give();
+        }
     }
+}
+
+/// The two directions of a relay, splicing where both ends allow.
+fn directions<C: Splice>(local: &C, link: &PayloadStream<Stream>) -> (Direction, Direction) {
+    let both = local.can_splice() && link_splices(link);
+    let (up, down) = if both {
+        (SpliceMode::Bulk { on: false }, SpliceMode::Frames)
+    } else {
+        (SpliceMode::Off, SpliceMode::Off)
+    };
+    (Direction::new(up), Direction::new(down))
 }
 
 /// Copies both ways until both directions have ended (like `copy_bidirectional`): bytes
 /// local → link, link → local.
 async fn copy_both<C>(local: &mut C, link: &mut PayloadStream<Stream>) -> io::Result<(u64, u64)>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Splice + Unpin,
 {
-    let mut up = Direction::default();
-    let mut down = Direction::default();
+    let (mut up, mut down) = directions(local, link);
     std::future::poll_fn(|cx| {
-        let a = up.poll_copy(cx, local, link)?;
+        let a = up.poll_copy(cx, &mut Local(local), link)?;
         let b = down.poll_copy(cx, link, &mut Local(local))?;
         match (a, b) {
             (Poll::Ready(a), Poll::Ready(b)) => Poll::Ready(Ok((a, b))),
@@ -279,7 +523,7 @@ pub async fn relay<C>(
     reset_local: impl FnOnce(C),
 ) -> RelayEnd
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Splice + Unpin,
 {
     let res = tokio::select! {
         r = copy_both(&mut local, &mut link) => Some(r),
@@ -321,10 +565,9 @@ enum Stop {
 /// first) is reported as a refusal.
 async fn copy_opened<C>(local: &mut C, link: &mut PayloadStream<Stream>) -> Result<(u64, u64), Stop>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Splice + Unpin,
 {
-    let mut up = Direction::default();
-    let mut down = Direction::default();
+    let (mut up, mut down) = directions(local, link);
     let mut status = Some(StatusReader::new());
     let mut up_failed: Option<io::Error> = None;
     let mut up_done: Option<u64> = None;
@@ -358,7 +601,7 @@ where
             return Poll::Ready(Err(Stop::Failed(e)));
         }
         if up_failed.is_none() && up_done.is_none() {
-            match up.poll_copy(cx, local, link) {
+            match up.poll_copy(cx, &mut Local(local), link) {
                 Poll::Ready(Ok(n)) => up_done = Some(n),
                 Poll::Ready(Err(e)) if status.is_some() => up_failed = Some(e),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(Stop::Failed(e))),
@@ -390,7 +633,7 @@ pub async fn relay_opened<C>(
     reset_local: impl FnOnce(C),
 ) -> OpenedEnd
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Splice + Unpin,
 {
     let res = tokio::select! {
         r = copy_opened(&mut local, &mut link) => Some(r),

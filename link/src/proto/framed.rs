@@ -7,9 +7,16 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+#[cfg(target_os = "linux")]
+use std::os::fd::BorrowedFd;
+
+#[cfg(target_os = "linux")]
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{MAX_FRAME_DATA, ProtoError, StreamMode};
+#[cfg(target_os = "linux")]
+use crate::splice::Splice;
 
 /// Frame type byte of a data frame: `0x01 ‖ len: u32 BE ‖ len bytes`, `1 ≤ len ≤ MAX_FRAME_DATA`.
 pub const FRAME_DATA: u8 = 0x01;
@@ -607,6 +614,91 @@ impl<S: AsyncWrite + Unpin> Framed<S> {
             .get(DATA_HEAD_LEN..DATA_HEAD_LEN + n)
             .unwrap_or_default();
         self.poll_write_owed(cx, payload)
+    }
+}
+
+/// Splicing the payload of data frames (Linux; see [`crate::splice`]): the relay moves a large
+/// frame's payload between the transport's descriptor and a pipe, and the frames stay exactly
+/// as [`Framed`]'s own reads and writes make them.
+#[cfg(target_os = "linux")]
+impl<S: Splice + AsyncWrite + Unpin> Framed<S> {
+    /// Payload bytes of the current data frame that may be spliced out of the transport now:
+    /// those not read yet, when nothing of them is buffered (else 0: read them).
+    pub fn splice_readable(&self) -> usize {
+        if self.rstate == ReadState::Open && self.rpos == self.rlen {
+            self.data_left
+        } else {
+            0
+        }
+    }
+
+    /// Runs `op` (a splice out of the transport's descriptor, of at most the byte count it is
+    /// given) when the transport is readable, for the current frame's payload
+    /// ([`Framed::splice_readable`] bytes at most). The transport ending inside the frame is
+    /// an error, as for reads.
+    pub fn poll_splice_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: &mut dyn FnMut(BorrowedFd<'_>, usize) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let max = self.splice_readable();
+        if max == 0 {
+            return Poll::Ready(Err(io::Error::other("no frame payload to splice now")));
+        }
+        let r = self
+            .inner
+            .poll_splice(cx, Interest::READABLE, &mut |fd| op(fd, max))
+            .unwrap_or_else(|| Poll::Ready(Err(io::ErrorKind::Unsupported.into())));
+        match ready!(r) {
+            Ok(0) => {
+                self.rstate = ReadState::Failed(io::ErrorKind::UnexpectedEof);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "link stream ended inside a data frame",
+                )))
+            }
+            Ok(n) => {
+                self.data_left -= n.min(self.data_left);
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Writes `avail` payload bytes that `op` moves into the transport's descriptor (a splice
+    /// from a pipe, of at most the byte count it is given): a data frame's head for up to
+    /// [`MAX_FRAME_DATA`] of them first (like a write), then as much of its payload as the
+    /// transport takes. Returns the payload bytes moved; as after a short write, the rest of
+    /// the frame must follow (by this, or by writes).
+    pub fn poll_splice_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        avail: usize,
+        op: &mut dyn FnMut(BorrowedFd<'_>, usize) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        self.check_writable()?;
+        if avail == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(self.poll_drain(cx))?;
+        if self.owed == 0 {
+            let n = avail.min(MAX_FRAME_DATA as usize);
+            FrameHead::Data(n).encode(&mut self.wbuf).map_err(invalid)?;
+            self.owed = n;
+            // Pending leaves the head queued and the payload owed: the next call goes on.
+            ready!(self.poll_drain(cx))?;
+        }
+        let max = self.owed.min(avail);
+        let r = self
+            .inner
+            .poll_splice(cx, Interest::WRITABLE, &mut |fd| op(fd, max))
+            .unwrap_or_else(|| Poll::Ready(Err(io::ErrorKind::Unsupported.into())));
+        let n = ready!(r)?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        self.owed -= n.min(self.owed);
+        Poll::Ready(Ok(n))
     }
 }
 

@@ -149,7 +149,7 @@
 //!
 //! * **Raw**: the bytes themselves. Half-close is the transport's shutdown(write) and a reset
 //!   is the transport's reset (TCP RST through `SO_LINGER` 0; QUIC `RESET_STREAM`/`STOP_SENDING`).
-//!   Raw streams can be spliced.
+//!   Raw streams can be spliced whole.
 //! * **Framed**: a sequence of frames that carry half-close and reset themselves:
 //!
 //!   ```text
@@ -163,6 +163,9 @@
 //!   reset of its client connection (stop both directions, close the stream); the transport
 //!   stream ending without END or RESET, or a malformed frame, like a reset. When both ENDs
 //!   have been sent and received, each side closes its transport stream. See [`Framed`].
+//!   Nothing on the wire says how a frame was made: relays on Linux splice the payload of
+//!   large data frames between the transport and the local socket (a head written, then
+//!   the payload moved through a pipe; see [`crate::splice`]), and copy the rest.
 //!
 //! The opener chooses the mode and writes it in the header; the acceptor uses the mode it reads
 //! (it may refuse a raw stream on a transport it knows cannot half-close, with status `Error`).

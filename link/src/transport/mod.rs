@@ -94,6 +94,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::splice::Splice;
+
 pub use auth::{Auth, Token, VSOCK_HOST_CID, cid_allowed};
 pub use endpoint::{Endpoint, HostPort, VsockCid, VsockEndpoint};
 pub use error::TransportError;
@@ -324,6 +326,29 @@ impl Stream {
 }
 
 use quinn::VarInt;
+
+impl Splice for Stream {
+    #[cfg(target_os = "linux")]
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        interest: tokio::io::Interest,
+        op: &mut crate::splice::FdOp<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        match &mut self.io {
+            Io::Unix(s) => s.poll_splice(cx, interest, op),
+            _ => None,
+        }
+    }
+
+    fn can_splice(&self) -> bool {
+        match &self.io {
+            #[cfg(unix)]
+            Io::Unix(s) => s.can_splice(),
+            _ => false,
+        }
+    }
+}
 
 impl AsyncRead for Stream {
     fn poll_read(

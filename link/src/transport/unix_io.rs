@@ -87,6 +87,35 @@ impl UnixIo {
     }
 }
 
+impl crate::splice::Splice for UnixIo {
+    #[cfg(target_os = "linux")]
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        interest: Interest,
+        op: &mut crate::splice::FdOp<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        if !interest.is_readable() {
+            return Some(self.poll_write_with(cx, |s| op(s.as_fd())));
+        }
+        Some(loop {
+            let mut guard = match self.read.poll_read_ready(cx) {
+                Poll::Ready(Ok(g)) => g,
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
+            };
+            match guard.try_io(|s| op(s.get_ref().as_fd())) {
+                Ok(r) => break Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        })
+    }
+
+    fn can_splice(&self) -> bool {
+        cfg!(target_os = "linux")
+    }
+}
+
 /// Registers an owned descriptor with the runtime for `interest`.
 fn register<T: AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
     // SAFETY: `fd` is owned (a `UnixStream` or an `OwnedFd`) and moves into the `AsyncFd`, which
