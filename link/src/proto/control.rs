@@ -229,17 +229,17 @@ pub struct MirrorState {
     /// The VM address the agent binds: `127.0.0.1` or `::1`.
     pub bind: IpAddr,
     /// The addresses of the reported host listeners this mirror serves, as the forwarder named
-    /// them in its listener messages; at most [`MAX_MIRROR_HOSTS`](super::MAX_MIRROR_HOSTS).
+    /// them in its listener messages; at most [`MAX_MIRROR_HOSTS`].
     pub hosts: Vec<IpAddr>,
     /// The bind result.
     pub state: BindState,
     /// Why, for `Conflict` and `Retrying`: at most
-    /// [`MAX_MIRROR_REASON`](super::MAX_MIRROR_REASON) bytes ([`MirrorState::cut_reason`]).
+    /// [`MAX_MIRROR_REASON`] bytes ([`MirrorState::cut_reason`]).
     pub reason: Option<String>,
 }
 
 impl MirrorState {
-    /// Cuts `reason` to [`MAX_MIRROR_REASON`](super::MAX_MIRROR_REASON) bytes (at a character
+    /// Cuts `reason` to [`MAX_MIRROR_REASON`] bytes (at a character
     /// boundary).
     pub fn cut_reason(reason: impl Into<String>) -> String {
         let mut reason = reason.into();
