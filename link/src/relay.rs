@@ -70,8 +70,11 @@ enum SpliceMode {
     Off,
     /// From the local connection to the link: after a large read, until a small splice.
     Bulk { on: bool },
-    /// From the link to the local connection: the payload of each large data frame.
-    Frames,
+    /// From the link to the local connection: the payload of each large data frame. `bulk`
+    /// after a spliced frame, until a small one: frame heads are then read alone, so that the
+    /// next payload is spliced whole (without it, a head is read with what follows it, the
+    /// fewest reads for small frames).
+    Frames { bulk: bool },
 }
 
 /// Where a direction reads from: the local connection, or the link.
@@ -82,12 +85,14 @@ trait Source {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>>;
     /// Splices bytes into the (empty) pipe; `None` when the bytes due now are not to be spliced
-    /// (the link is at a frame head or a small frame): read them.
+    /// (the link is at a frame head or a small frame): read them. `heads`: a frame head due
+    /// now is read first (alone).
     #[cfg(target_os = "linux")]
     fn poll_splice_in(
         &mut self,
         cx: &mut Context<'_>,
         pipe: &mut Pipe,
+        heads: bool,
     ) -> Option<Poll<io::Result<usize>>>;
 }
 
@@ -124,6 +129,7 @@ impl<C: AsyncRead + Splice + Unpin> Source for Local<'_, C> {
         &mut self,
         cx: &mut Context<'_>,
         pipe: &mut Pipe,
+        _heads: bool,
     ) -> Option<Poll<io::Result<usize>>> {
         self.0
             .poll_splice(cx, tokio::io::Interest::READABLE, &mut |fd| {
@@ -170,13 +176,20 @@ impl<S: AsyncRead + AsyncWrite + Splice + Unpin> Source for PayloadStream<S> {
         &mut self,
         cx: &mut Context<'_>,
         pipe: &mut Pipe,
+        heads: bool,
     ) -> Option<Poll<io::Result<usize>>> {
-        match self {
-            PayloadStream::Framed(f) if f.splice_readable() >= SPLICE_FRAME_MIN => {
-                Some(f.poll_splice_read(cx, &mut |fd, max| pipe.fill(fd, max)))
+        let PayloadStream::Framed(f) = self else {
+            return None;
+        };
+        if heads && f.at_frame_boundary() {
+            match f.poll_read_head(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Pending => return Some(Poll::Pending),
             }
-            _ => None,
         }
+        (f.splice_readable() >= SPLICE_FRAME_MIN)
+            .then(|| f.poll_splice_read(cx, &mut |fd, max| pipe.fill(fd, max)))
     }
 }
 
@@ -306,8 +319,9 @@ impl Direction {
         let on = match self.splice {
             SpliceMode::Off => false,
             SpliceMode::Bulk { on } => on,
-            SpliceMode::Frames => true,
+            SpliceMode::Frames { .. } => true,
         };
+        let heads = self.splice == SpliceMode::Frames { bulk: true };
         if !on || self.read_done {
             self.release_pipe();
             return Poll::Ready(Ok(false));
@@ -323,8 +337,11 @@ impl Direction {
                 }
             },
         };
-        match r.poll_splice_in(cx, pipe) {
+        match r.poll_splice_in(cx, pipe, heads) {
             None => {
+                if heads {
+                    self.splice = SpliceMode::Frames { bulk: false };
+                }
                 self.release_pipe();
                 Poll::Ready(Ok(false))
             }
@@ -344,8 +361,12 @@ impl Direction {
                 Poll::Ready(Ok(true))
             }
             Some(Poll::Ready(Ok(n))) => {
-                if n < SPLICE_SMALL && matches!(self.splice, SpliceMode::Bulk { .. }) {
-                    self.splice = SpliceMode::Bulk { on: false };
+                match self.splice {
+                    SpliceMode::Bulk { .. } if n < SPLICE_SMALL => {
+                        self.splice = SpliceMode::Bulk { on: false };
+                    }
+                    SpliceMode::Frames { .. } => self.splice = SpliceMode::Frames { bulk: true },
+                    _ => {}
                 }
                 Poll::Ready(Ok(true))
             }
@@ -456,7 +477,10 @@ impl Drop for Direction {
 fn directions<C: Splice>(local: &C, link: &PayloadStream<Stream>) -> (Direction, Direction) {
     let both = local.can_splice() && link_splices(link);
     let (up, down) = if both {
-        (SpliceMode::Bulk { on: false }, SpliceMode::Frames)
+        (
+            SpliceMode::Bulk { on: false },
+            SpliceMode::Frames { bulk: false },
+        )
     } else {
         (SpliceMode::Off, SpliceMode::Off)
     };

@@ -306,6 +306,51 @@ impl<S: AsyncRead + Unpin> Framed<S> {
         self.rstate = ReadState::Failed(kind);
         Poll::Ready(Err(e))
     }
+
+    /// Whether the next byte of the transport starts a frame (nothing buffered, no payload
+    /// owed, the peer has not ended).
+    #[cfg(target_os = "linux")]
+    pub fn at_frame_boundary(&self) -> bool {
+        self.rstate == ReadState::Open && self.data_left == 0 && self.rpos == self.rlen
+    }
+
+    /// At a frame boundary, reads the next frame's head and nothing more (so that a data
+    /// frame's payload stays in the transport, to be spliced): a data frame's length, END or
+    /// RESET, as a read would take them. Does nothing elsewhere.
+    #[cfg(target_os = "linux")]
+    pub fn poll_read_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.rstate == ReadState::Open && self.data_left == 0 {
+            let pending = self.rbuf.get(self.rpos..self.rlen).unwrap_or_default();
+            match decode_frame_head(pending) {
+                Ok(Some((head, used))) => {
+                    self.rpos += used;
+                    match head {
+                        FrameHead::Data(len) => self.data_left = len,
+                        FrameHead::End => self.rstate = ReadState::Ended,
+                        FrameHead::Reset => self.rstate = ReadState::PeerReset,
+                    }
+                }
+                // At most a head's bytes: after END only RESET may follow, and a data frame's
+                // payload is not read.
+                Ok(None) => {
+                    let partial = !pending.is_empty();
+                    if ready!(self.poll_fill(cx, DATA_HEAD_LEN))? == 0 {
+                        let what = if partial {
+                            "link stream ended inside a frame head"
+                        } else {
+                            "link stream ended without an end-of-stream frame"
+                        };
+                        return self.fail(
+                            io::ErrorKind::UnexpectedEof,
+                            io::Error::new(io::ErrorKind::UnexpectedEof, what),
+                        );
+                    }
+                }
+                Err(e) => return self.fail(io::ErrorKind::InvalidData, invalid(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
@@ -343,8 +388,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
                     return Poll::Ready(Ok(()));
                 }
                 let want = this.data_left.min(buf.remaining());
-                let n = if want >= DIRECT_READ_MIN {
-                    // Large read: straight into the caller's buffer, no copy. If the rest of the
+                let n = if buf.remaining() >= DIRECT_READ_MIN {
+                    // A large caller's buffer: the payload straight into it, no copy (nor a
+                    // read-ahead buffer for a small payload whose head came alone). If the rest of the
                     // frame fits with room to spare, read the next frame's head along with it
                     // (into the unfilled part of the caller's buffer, then moved to `rbuf`), so
                     // that a stream of data frames costs one read per frame.

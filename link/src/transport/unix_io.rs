@@ -34,7 +34,15 @@ pub(crate) struct UnixIo {
     read: AsyncFd<StdUnixStream>,
     /// A duplicate registered for writable events while a write waits for room.
     write: Option<AsyncFd<OwnedFd>>,
+    /// Whether bulk data was spliced into it (and its send buffer enlarged).
+    #[cfg(target_os = "linux")]
+    bulk: bool,
 }
+
+/// The send buffer of a unix link socket that bulk data is spliced into (the default, about
+/// 208 KiB, is less than one pipe's worth: the writer then stalls on every splice).
+#[cfg(target_os = "linux")]
+const BULK_SNDBUF: usize = 1 << 20;
 
 impl UnixIo {
     /// Takes over a tokio stream (its registration is replaced by a read-only one).
@@ -47,6 +55,8 @@ impl UnixIo {
         Ok(UnixIo {
             read: register(s, Interest::READABLE)?,
             write: None,
+            #[cfg(target_os = "linux")]
+            bulk: false,
         })
     }
 
@@ -96,6 +106,11 @@ impl crate::splice::Splice for UnixIo {
         op: &mut crate::splice::FdOp<'_>,
     ) -> Option<Poll<io::Result<usize>>> {
         if !interest.is_readable() {
+            if !self.bulk {
+                self.bulk = true;
+                // Best effort (capped by net.core.wmem_max): a smaller buffer works, slower.
+                let _ = SockRef::from(self.sock()).set_send_buffer_size(BULK_SNDBUF);
+            }
             return Some(self.poll_write_with(cx, |s| op(s.as_fd())));
         }
         Some(loop {
