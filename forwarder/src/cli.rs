@@ -65,8 +65,14 @@ pub struct CommonArgs {
         value_delimiter = ','
     )]
     pub expose: Vec<IpAddr>,
-    /// Do not mirror this host's listeners into the guest.
-    #[arg(long, env = "HOSTNET_NO_REVERSE")]
+    /// Do not mirror this host's listeners into the guest. (`HOSTNET_NO_REVERSE`: empty, `0`,
+    /// `false`, `no` or `off` leave the reverse direction on; any other value turns it off.)
+    #[arg(
+        long,
+        env = "HOSTNET_NO_REVERSE",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
     pub no_reverse: bool,
     /// Mirror into the guest (and dial back) only these host ports: a comma list of ports and
     /// ranges, `tcp:` or `udp:` for one protocol only (`3000-3999,tcp:5432,udp:53`). Default:
