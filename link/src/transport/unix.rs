@@ -87,8 +87,15 @@ pub(crate) fn probe(path: &Path) -> io::Result<PathState> {
 /// writable event (one per relayed connection). Where a system answers `EINPROGRESS`, tokio's
 /// connect does it.
 pub(crate) async fn connect(path: &Path) -> io::Result<UnixIo> {
-    let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-    s.set_nonblocking(true)?;
+    // Born non-blocking where the system allows (two fcntl calls fewer per connection).
+    #[cfg(target_os = "linux")]
+    let s = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None)?;
+    #[cfg(not(target_os = "linux"))]
+    let s = {
+        let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        s
+    };
     match s.connect(&SockAddr::unix(path)?) {
         Ok(()) => UnixIo::from_std(s.into()),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
