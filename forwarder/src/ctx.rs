@@ -62,6 +62,9 @@ pub struct CountersView {
     pub dial_backs: u64,
     pub dial_backs_failed: u64,
     pub dial_backs_denied: u64,
+    /// TCP payload bytes the relays moved with splice(2), without copying them (Linux, unix
+    /// and hybrid vsock links; 0 elsewhere).
+    pub tcp_bytes_spliced: u64,
 }
 
 impl Counters {
@@ -86,6 +89,7 @@ impl Counters {
             dial_backs: r(&self.dial_backs),
             dial_backs_failed: r(&self.dial_backs_failed),
             dial_backs_denied: r(&self.dial_backs_denied),
+            tcp_bytes_spliced: hostnet_link::splice::spliced_bytes(),
         }
     }
 }
