@@ -17,6 +17,16 @@
 //!   guest's CPU is the bottleneck, so the hop itself (vsock read, loopback TCP write and read)
 //!   costs most of what hostnet loses against raw; hostnet against relay is the agent's own
 //!   overhead;
+//! * request/response latency, "RR 64 B" p50 and p99 (µs): one connection, 64 bytes written
+//!   and the 64 echoed bytes read back, `--round-trips` times after 50 warm-up round trips (the
+//!   percentiles of one trial's round trips, then the median of `--trials` trials), and the
+//!   connection rate, "connections/s (1 B each way)": connect, write 1 byte, read it back,
+//!   close, `--conns` times after 5 warm-up connections; both on the bulk figure's three paths,
+//!   interleaved in the same boot, to one guest echo server (`vm_guest tcp-echo`, a thread per
+//!   connection, read then write back): hostnet (host 127.0.0.1 → forwarder → hybrid vsock →
+//!   agent → guest TCP), raw (host → hybrid vsock `CONNECT`, one per connection, → the same
+//!   echo on a vsock port) and relay (raw hybrid vsock → `vm_guest relay` → guest TCP). Printed
+//!   as a second table, a column per path, with the ratios hostnet/raw and hostnet/relay;
 //! * idle wake-ups: context switches of every thread of the guest's agent and the host's
 //!   forwarder over `--idle-secs` with nothing happening, per second;
 //! * UDP 64 B and 1400 B datagrams delivered per second to a counting sink in the guest, for
@@ -29,10 +39,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use hostnet_e2e::measure::{Row, pct, print_table};
 use hostnet_e2e::net::{LO4, free_port, sa, tcp_listeners};
 use hostnet_e2e::vm::{self, Vm, median};
 
@@ -42,6 +54,15 @@ const RAW_PORT: u32 = 6000;
 const RELAY_PORT: u32 = 6001;
 /// The vsock port of the UDP sink's count and raw frames (`vm_guest udp-sink`).
 const UDP_PORT: u32 = 6002;
+/// The vsock port of the guest's echo server (`vm_guest tcp-echo --vsock`).
+const ECHO_PORT: u32 = 6003;
+/// The vsock port of the minimal relay to the echo server's TCP port.
+const RELAY_ECHO_PORT: u32 = 6004;
+/// Round trips before the measured ones (RR), connections before the measured ones.
+const RR_WARMUP: usize = 50;
+const CONN_WARMUP: usize = 5;
+/// The bound of every connect, read and write of the RR and connection figures.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(about = "hostnet real-VM benchmark: boot, discovery, hostnet vs raw hybrid vsock")]
@@ -64,6 +85,80 @@ struct Args {
     /// Seconds of the idle wake-up count.
     #[arg(long, default_value_t = 30)]
     idle_secs: u64,
+    /// Measured 64-byte round trips per RR trial (after 50 warm-up ones).
+    #[arg(long, default_value_t = 1000)]
+    round_trips: usize,
+    /// Measured connections per connection-rate trial (after 5 warm-up ones).
+    #[arg(long, default_value_t = 200)]
+    conns: usize,
+}
+
+/// A stream whose reads and writes give up after [`IO_TIMEOUT`].
+trait Bounded: Read + Write + Sized {
+    fn bounded(self) -> Result<Self>;
+}
+
+impl Bounded for TcpStream {
+    fn bounded(self) -> Result<Self> {
+        self.set_nodelay(true)?;
+        self.set_read_timeout(Some(IO_TIMEOUT))?;
+        self.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(self)
+    }
+}
+
+impl Bounded for UnixStream {
+    fn bounded(self) -> Result<Self> {
+        self.set_read_timeout(Some(IO_TIMEOUT))?;
+        self.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(self)
+    }
+}
+
+/// 64-byte round trips on `s` to an echo: [`RR_WARMUP`] unmeasured, then `n`; (p50, p99) in µs.
+fn rr(mut s: impl Read + Write, n: usize) -> Result<(f64, f64)> {
+    let mut msg = [0u8; 64];
+    let mut back = [0u8; 64];
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..RR_WARMUP + n {
+        msg[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)
+            .with_context(|| format!("echo of round trip {i}"))?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if back != msg {
+            bail!("round trip {i}: a wrong echo");
+        }
+        if i >= RR_WARMUP {
+            lat.push(us);
+        }
+    }
+    Ok((pct(&mut lat, 50.0), pct(&mut lat, 99.0)))
+}
+
+/// Connections per second to an echo, each opened by `open`, 1 byte written and read back,
+/// closed: [`CONN_WARMUP`] unmeasured, then `n`.
+fn conn_rate<S: Read + Write>(open: impl Fn() -> Result<S>, n: usize) -> Result<f64> {
+    let one = |i: usize| -> Result<()> {
+        let mut s = open().with_context(|| format!("connection {i}"))?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)
+            .with_context(|| format!("echo on connection {i}"))?;
+        if &b != b"x" {
+            bail!("connection {i}: a wrong echo");
+        }
+        Ok(())
+    };
+    for i in 0..CONN_WARMUP {
+        one(i)?;
+    }
+    let t0 = Instant::now();
+    for i in 0..n {
+        one(CONN_WARMUP + i)?;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// Sums the context switches of every thread in a `/proc/PID/task/*/status` dump.
@@ -314,6 +409,84 @@ fn main() -> Result<()> {
         );
     }
 
+    // Request/response latency and connection rate, to one echo server (TCP for hostnet and
+    // the relay, vsock for raw).
+    let pe = free_port();
+    vm.spawn(
+        "echo",
+        &format!("vm_guest tcp-echo 0.0.0.0:{pe} --vsock {ECHO_PORT}"),
+    );
+    if vm
+        .wait_host_tcp(LO4, pe, true, Duration::from_secs(20))
+        .is_none()
+    {
+        bail!("echo port {pe} not mirrored");
+    }
+    vm.spawn(
+        "relay-echo",
+        &format!("vm_guest relay {RELAY_ECHO_PORT} 127.0.0.1:{pe}"),
+    );
+    let uds = vm.uds();
+    let echo_hn = || TcpStream::connect_timeout(&sa(LO4, pe), IO_TIMEOUT)?.bounded();
+    let echo_raw = || vm::hybrid_connect(&uds, ECHO_PORT, IO_TIMEOUT)?.bounded();
+    let echo_rl = || vm::hybrid_connect(&uds, RELAY_ECHO_PORT, IO_TIMEOUT)?.bounded();
+    // [raw, relay, hostnet] per figure.
+    let mut rr50: [Vec<f64>; 3] = Default::default();
+    let mut rr99: [Vec<f64>; 3] = Default::default();
+    let mut cps: [Vec<f64>; 3] = Default::default();
+    let n = args.round_trips.max(1);
+    let rr_start = Instant::now();
+    for t in 0..args.trials {
+        let trips = [
+            rr(echo_raw()?, n).context("raw RR")?,
+            rr(echo_rl()?, n).context("relay RR")?,
+            rr(echo_hn()?, n).context("hostnet RR")?,
+        ];
+        let rates = [
+            conn_rate(echo_raw, args.conns).context("raw connections")?,
+            conn_rate(echo_rl, args.conns).context("relay connections")?,
+            conn_rate(echo_hn, args.conns).context("hostnet connections")?,
+        ];
+        for i in 0..3 {
+            rr50[i].push(trips[i].0);
+            rr99[i].push(trips[i].1);
+            cps[i].push(rates[i]);
+        }
+        eprintln!(
+            "trial {t}: RR 64 B p50/p99 raw {:.0}/{:.0} relay {:.0}/{:.0} hostnet {:.0}/{:.0} µs; connections raw {:.1} relay {:.1} hostnet {:.1} per s",
+            trips[0].0,
+            trips[0].1,
+            trips[1].0,
+            trips[1].1,
+            trips[2].0,
+            trips[2].1,
+            rates[0],
+            rates[1],
+            rates[2]
+        );
+    }
+    eprintln!("RR and connections: {:.1?}", rr_start.elapsed());
+    let med3 = |v: &mut [Vec<f64>; 3]| -> [Option<f64>; 3] {
+        std::array::from_fn(|i| (!v[i].is_empty()).then(|| median(&mut v[i])))
+    };
+    let rr_rows = [
+        Row {
+            name: "RR 64 B p50".into(),
+            unit: "µs",
+            values: med3(&mut rr50),
+        },
+        Row {
+            name: "RR 64 B p99".into(),
+            unit: "µs",
+            values: med3(&mut rr99),
+        },
+        Row {
+            name: "connections/s (1 B each way)".into(),
+            unit: "conn/s",
+            values: med3(&mut cps),
+        },
+    ];
+
     // UDP.
     let pu = free_port();
     vm.spawn(
@@ -423,5 +596,20 @@ fn main() -> Result<()> {
             hn / rl * 100.0
         );
     }
+    println!();
+    println!(
+        "Request/response and connection rate ({} round trips after {RR_WARMUP} warm-up ones, {} connections after {CONN_WARMUP}; median of {} trials):",
+        n, args.conns, args.trials
+    );
+    println!();
+    print_table(
+        [
+            "raw hybrid vsock",
+            "raw + minimal relay in the guest",
+            "hostnet",
+        ],
+        &[("hostnet / raw", 2, 0), ("hostnet / relay", 2, 1)],
+        &rr_rows,
+    );
     Ok(())
 }

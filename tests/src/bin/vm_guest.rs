@@ -4,13 +4,17 @@
 //!
 //! ```text
 //! vm_guest cmd PORT                  command server on vsock port PORT (below)
-//! vm_guest tcp-echo ADDR...          TCP echo (echoes until EOF, then half-closes)
+//! vm_guest tcp-echo [--vsock PORT]... ADDR...
+//!                                    TCP echo (echoes until EOF, then half-closes), on TCP
+//!                                    addresses and/or vsock ports (the same handler: read,
+//!                                    write back, a thread per connection)
 //! vm_guest udp-echo ADDR...          UDP echo
 //! vm_guest bulk [--vsock PORT]... [ADDR]...
 //!                                    bulk server on TCP addresses and/or vsock ports (below)
 //! vm_guest relay VSOCK_PORT ADDR    the minimal relay (benchmark baseline): each vsock
 //!                                    connection to a TCP connection to ADDR, one thread and a
-//!                                    256 KiB buffer per direction
+//!                                    256 KiB buffer per direction (TCP_NODELAY on its TCP
+//!                                    side, like the agent)
 //! vm_guest udp-sink ADDR VSOCK_PORT UDP sink (benchmark): counts the datagrams arriving on ADDR;
 //!                                    a vsock connection sending `C` gets the count
 //!                                    (`u64 LE`); one sending `D` then `len: u16 BE ‖ len bytes`
@@ -121,6 +125,48 @@ fn vsock_accept(l: &OwnedFd) -> io::Result<TcpStream> {
     // SAFETY: accept(2) returned a fresh descriptor that nothing else owns; the TcpStream takes
     // ownership and closes it on drop. read/write/shutdown behave alike on AF_VSOCK streams.
     Ok(unsafe { TcpStream::from_raw_fd(fd) })
+}
+
+/// Splits `--vsock PORT` options from the other arguments: (vsock listeners, the rest).
+fn vsock_args(args: &[String]) -> Result<(Vec<OwnedFd>, Vec<String>), String> {
+    let mut ports = Vec::new();
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--vsock" {
+            let p = it
+                .next()
+                .and_then(|p| p.parse::<u32>().ok())
+                .ok_or("--vsock needs a port")?;
+            ports.push(p);
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    let listeners = ports
+        .iter()
+        .map(|p| vsock_listen(*p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((listeners, rest))
+}
+
+/// Accepts on each vsock listener in a thread of its own, `handler` in a thread per connection.
+fn serve_vsock(listeners: Vec<OwnedFd>, handler: impl Fn(TcpStream) + Send + Copy + 'static) {
+    for l in listeners {
+        thread::spawn(move || {
+            loop {
+                match vsock_accept(&l) {
+                    Ok(s) => {
+                        thread::spawn(move || handler(s));
+                    }
+                    Err(e) => {
+                        eprintln!("vsock accept: {e}");
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -270,34 +316,43 @@ fn kill(name: &str, children: &Children) -> (i32, Vec<u8>) {
 // ---------------------------------------------------------------------------
 
 fn tcp_echo(args: &[String]) -> Result<(), String> {
-    let addrs = parse_addrs(args)?;
+    let (vsock_listeners, addrs) = vsock_args(args)?;
+    let addrs = parse_addrs(&addrs)?;
     let listeners = addrs
         .iter()
         .map(|a| TcpListener::bind(a).map_err(|e| format!("bind {a}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     ready();
-    serve_tcp(listeners, |mut s| {
-        let mut buf = vec![0; 64 * 1024];
-        let mut n_total = 0u64;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                    n_total += n as u64;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    eprintln!("echo: read after {n_total} bytes: {e}");
+    serve_vsock(vsock_listeners, echo);
+    serve_tcp(listeners, echo)?;
+    // Only vsock listeners: park forever.
+    loop {
+        thread::park();
+    }
+}
+
+/// Echoes until EOF, then half-closes.
+fn echo(mut s: TcpStream) {
+    let mut buf = vec![0; 64 * 1024];
+    let mut n_total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
                     return;
                 }
+                n_total += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("echo: read after {n_total} bytes: {e}");
+                return;
             }
         }
-        let _ = s.shutdown(Shutdown::Write);
-        eprintln!("echo: {n_total} bytes");
-    })
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    eprintln!("echo: {n_total} bytes");
 }
 
 fn serve_tcp(
@@ -362,44 +417,13 @@ fn udp_echo(args: &[String]) -> Result<(), String> {
 // ---------------------------------------------------------------------------
 
 fn bulk(args: &[String]) -> Result<(), String> {
-    let mut vsock_ports = Vec::new();
-    let mut tcp = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--vsock" {
-            let p = it
-                .next()
-                .and_then(|p| p.parse::<u32>().ok())
-                .ok_or("--vsock needs a port")?;
-            vsock_ports.push(p);
-        } else {
-            tcp.push(a.clone());
-        }
-    }
+    let (vsock_listeners, tcp) = vsock_args(args)?;
     let tcp_listeners = parse_addrs(&tcp)?
         .iter()
         .map(|a| TcpListener::bind(a).map_err(|e| format!("bind {a}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let vsock_listeners = vsock_ports
-        .iter()
-        .map(|p| vsock_listen(*p))
-        .collect::<Result<Vec<_>, _>>()?;
     ready();
-    for l in vsock_listeners {
-        thread::spawn(move || {
-            loop {
-                match vsock_accept(&l) {
-                    Ok(s) => {
-                        thread::spawn(move || serve_bulk(s));
-                    }
-                    Err(e) => {
-                        eprintln!("vsock accept: {e}");
-                        thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        });
-    }
+    serve_vsock(vsock_listeners, serve_bulk);
     serve_tcp(tcp_listeners, serve_bulk)?;
     // Only vsock listeners: park forever.
     loop {
@@ -590,6 +614,7 @@ fn relay(args: &[String]) -> Result<(), String> {
                     return;
                 }
             };
+            let _ = t.set_nodelay(true);
             let (Ok(v2), Ok(t2)) = (v.try_clone(), t.try_clone()) else {
                 return;
             };
