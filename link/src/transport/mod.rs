@@ -336,7 +336,7 @@ impl Splice for Stream {
         op: &mut crate::splice::FdOp<'_>,
     ) -> Option<Poll<io::Result<usize>>> {
         match &mut self.io {
-            Io::Unix(s) => s.poll_splice(cx, interest, op),
+            Io::Unix(s) | Io::Vsock(s) => s.poll_splice(cx, interest, op),
             _ => None,
         }
     }
@@ -345,6 +345,8 @@ impl Splice for Stream {
         match &self.io {
             #[cfg(unix)]
             Io::Unix(s) => s.can_splice(),
+            #[cfg(target_os = "linux")]
+            Io::Vsock(s) => s.can_splice(),
             _ => false,
         }
     }

@@ -1,4 +1,6 @@
-//! A connected unix stream socket that the runtime watches for reading only.
+//! A connected unix stream socket that the runtime watches for reading only. On Linux the
+//! guest's AF_VSOCK streams use it too: virtio vsock likewise signals write space as the peer
+//! reads (credit updates), and both can be spliced (see [`crate::splice`]).
 //!
 //! **Why.** A unix socket wakes whoever waits on it for writing each time the peer *reads*
 //! (`unix_write_space`: the bytes leave the sender's send-buffer account when the receiver
@@ -16,22 +18,22 @@
 //! relay does when its source has nothing more for now. A bulk stream keeps it while data
 //! flows; a request/response stream never makes one.
 
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use socket2::SockRef;
+use socket2::Socket;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-/// A connected unix stream socket (see the module docs).
+/// A connected stream socket: unix, or (Linux) AF_VSOCK (see the module docs).
 #[derive(Debug)]
 pub(crate) struct UnixIo {
     /// The socket, registered for readable events only.
-    read: AsyncFd<StdUnixStream>,
+    read: AsyncFd<Socket>,
     /// A duplicate registered for writable events while a write waits for room.
     write: Option<AsyncFd<OwnedFd>>,
     /// Whether bulk data was spliced into it (and its send buffer enlarged).
@@ -50,8 +52,15 @@ impl UnixIo {
         Self::from_std(s.into_std()?)
     }
 
-    /// Registers a connected, non-blocking socket.
+    /// Registers a connected, non-blocking unix socket.
     pub(crate) fn from_std(s: StdUnixStream) -> io::Result<Self> {
+        Self::from_fd(OwnedFd::from(s))
+    }
+
+    /// Registers a connected, non-blocking stream socket of any family whose plain `send`,
+    /// `recv` and `shutdown` are its stream's (unix, AF_VSOCK).
+    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let s = Socket::from(fd);
         Ok(UnixIo {
             read: register(s, Interest::READABLE)?,
             write: None,
@@ -60,7 +69,7 @@ impl UnixIo {
         })
     }
 
-    fn sock(&self) -> &StdUnixStream {
+    fn sock(&self) -> &Socket {
         self.read.get_ref()
     }
 
@@ -69,7 +78,7 @@ impl UnixIo {
     fn poll_write_with(
         &mut self,
         cx: &mut Context<'_>,
-        mut op: impl FnMut(&StdUnixStream) -> io::Result<usize>,
+        mut op: impl FnMut(&Socket) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         if self.write.is_none() {
             match op(self.sock()) {
@@ -109,7 +118,7 @@ impl crate::splice::Splice for UnixIo {
             if !self.bulk {
                 self.bulk = true;
                 // Best effort (capped by net.core.wmem_max): a smaller buffer works, slower.
-                let _ = SockRef::from(self.sock()).set_send_buffer_size(BULK_SNDBUF);
+                let _ = self.sock().set_send_buffer_size(BULK_SNDBUF);
             }
             return Some(self.poll_write_with(cx, |s| op(s.as_fd())));
         }
@@ -152,7 +161,7 @@ impl AsyncRead for UnixIo {
             // SAFETY: `recv` only writes bytes into it: nothing initialized is de-initialized.
             let unfilled = unsafe { buf.unfilled_mut() };
             let want = unfilled.len();
-            match guard.try_io(|s| SockRef::from(s.get_ref()).recv(unfilled)) {
+            match guard.try_io(|s| s.get_ref().recv(unfilled)) {
                 Ok(Ok(n)) => {
                     // SAFETY: `recv` wrote the first `n` bytes of the unfilled part.
                     unsafe { buf.assume_init(n) };
@@ -177,7 +186,7 @@ impl AsyncWrite for UnixIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_write_with(cx, |mut s| s.write(buf))
+        self.get_mut().poll_write_with(cx, |s| s.send(buf))
     }
 
     fn poll_write_vectored(
@@ -186,7 +195,7 @@ impl AsyncWrite for UnixIo {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.get_mut()
-            .poll_write_with(cx, |mut s| s.write_vectored(bufs))
+            .poll_write_with(cx, |s| s.send_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -1,6 +1,7 @@
 //! Linux hosts and guests: unix sockets, AF_VSOCK (tokio-vsock); no Hyper-V sockets.
 
 use std::io;
+use std::os::fd::OwnedFd;
 
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr};
 
@@ -14,8 +15,9 @@ pub(crate) use super::unix::{
 pub(crate) use super::unix_io::UnixIo as UnixStream;
 pub(crate) use tokio::net::UnixListener;
 
-/// A stream to or from the VM's socket family: AF_VSOCK here.
-pub(crate) type VmStream = tokio_vsock::VsockStream;
+/// A stream to or from the VM's socket family: AF_VSOCK here, watched like a unix socket
+/// (read-only registration, splicing: see `unix_io`).
+pub(crate) type VmStream = super::unix_io::UnixIo;
 /// A listener of the VM's socket family: AF_VSOCK here.
 pub(crate) type VmListener = tokio_vsock::VsockListener;
 
@@ -31,7 +33,8 @@ pub(crate) fn unsupported(endpoint: &Endpoint) -> Option<&'static str> {
 }
 
 pub(crate) async fn vsock_connect(cid: u32, port: u32) -> io::Result<VmStream> {
-    VmStream::connect(VsockAddr::new(cid, port)).await
+    let s = tokio_vsock::VsockStream::connect(VsockAddr::new(cid, port)).await?;
+    VmStream::from_fd(OwnedFd::from(s))
 }
 
 pub(crate) fn vsock_bind(cid: VsockCid, port: u32) -> io::Result<VmListener> {
@@ -45,7 +48,11 @@ pub(crate) fn vsock_bind(cid: VsockCid, port: u32) -> io::Result<VmListener> {
 /// Accepts one vsock connection: the stream and the peer's CID and port.
 pub(crate) async fn vm_accept(listener: &VmListener) -> io::Result<(VmStream, u32, u32)> {
     let (s, addr) = listener.accept().await?;
-    Ok((s, addr.cid(), addr.port()))
+    Ok((
+        VmStream::from_fd(OwnedFd::from(s))?,
+        addr.cid(),
+        addr.port(),
+    ))
 }
 
 pub(crate) async fn hvsock_connect(_vm: &Guid, _port: u32) -> io::Result<VmStream> {
