@@ -475,7 +475,7 @@ impl Drop for Direction {
 
 /// The two directions of a relay, splicing where both ends allow.
 fn directions<C: Splice>(local: &C, link: &PayloadStream<Stream>) -> (Direction, Direction) {
-    let both = local.can_splice() && link_splices(link);
+    let both = crate::splice::enabled() && local.can_splice() && link_splices(link);
     let (up, down) = if both {
         (
             SpliceMode::Bulk { on: false },

@@ -18,6 +18,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 #[cfg(target_os = "linux")]
 use std::sync::Mutex;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(target_os = "linux")]
 use std::task::{Context, Poll};
@@ -96,6 +97,20 @@ const PIPES_KEPT: usize = 4;
 static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 /// Bytes relays of this process have spliced (written out of a pipe).
 static SPLICED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether relays may splice at all: not when `HOSTNET_SPLICE` is `0`, `off`, `false` or `no`
+/// (they then copy, as on other systems: a switch for comparing the two, or for a kernel
+/// whose splice misbehaves). Read once per process.
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let v = std::env::var("HOSTNET_SPLICE").unwrap_or_default();
+        !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "off" | "false" | "no"
+        )
+    })
+}
 
 /// Bytes the relays of this process have moved by splicing instead of copying (0 where they
 /// cannot splice).
