@@ -489,12 +489,19 @@ fn modinfo(data: &[u8], key: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&data[at..end]).into_owned())
 }
 
-/// The guest's `/init`.
+/// The guest's `/init`. `HOSTNET_SPLICE`, when set on the host, is passed on to the guest's
+/// processes (so that `HOSTNET_SPLICE=0 bash bench/vm.sh` compares copying relays on both
+/// sides).
 fn init_script(modules: &[String], agent_args: &str) -> String {
+    let splice = std::env::var("HOSTNET_SPLICE")
+        .ok()
+        .filter(|v| v.chars().all(|c| c.is_ascii_alphanumeric()))
+        .map(|v| format!("export HOSTNET_SPLICE={v}\n"))
+        .unwrap_or_default();
     format!(
         r#"#!/bin/sh
 export PATH=/bin
-mount -t proc proc /proc
+{splice}mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
