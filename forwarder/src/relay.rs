@@ -109,8 +109,8 @@ impl<T: hostnet_link::splice::Splice> hostnet_link::splice::Splice for Counted<T
         Some(r)
     }
 
-    fn can_splice(&self) -> bool {
-        self.inner.can_splice()
+    fn can_splice(&self, way: hostnet_link::splice::Way) -> bool {
+        self.inner.can_splice(way)
     }
 }
 

@@ -22,7 +22,7 @@ use crate::proto::framed::DATA_HEAD_LEN;
 use crate::proto::{PayloadStream, ProtoError, RelayStatus, STATUS_TIMEOUT, StatusReader};
 #[cfg(target_os = "linux")]
 use crate::splice::Pipe;
-use crate::splice::Splice;
+use crate::splice::{Splice, Way};
 use crate::transport::Stream;
 
 /// Copy buffer of a direction while data flows (taken from a small pool when a read is due,
@@ -219,10 +219,10 @@ impl<S: AsyncWrite + Splice + Unpin> Sink for PayloadStream<S> {
     }
 }
 
-/// Whether the link stream's payload can be spliced: framed on a unix socket (the relay does
-/// not splice raw streams, which are QUIC's).
-fn link_splices<S: Splice>(link: &PayloadStream<S>) -> bool {
-    matches!(link, PayloadStream::Framed(f) if f.get_ref().can_splice())
+/// Whether the link stream's payload can be spliced that way: framed on a unix or vsock socket
+/// (the relay does not splice raw streams, which are QUIC's).
+fn link_splices<S: Splice>(link: &PayloadStream<S>, way: Way) -> bool {
+    matches!(link, PayloadStream::Framed(f) if f.get_ref().can_splice(way))
 }
 
 /// One direction of a relay, like tokio's `copy` (read, write it all, again; at EOF flush and
@@ -475,14 +475,16 @@ impl Drop for Direction {
 
 /// The two directions of a relay, splicing where both ends allow.
 fn directions<C: Splice>(local: &C, link: &PayloadStream<Stream>) -> (Direction, Direction) {
-    let both = crate::splice::enabled() && local.can_splice() && link_splices(link);
-    let (up, down) = if both {
-        (
-            SpliceMode::Bulk { on: false },
-            SpliceMode::Frames { bulk: false },
-        )
+    let on = crate::splice::enabled();
+    let up = if on && local.can_splice(Way::From) && link_splices(link, Way::Into) {
+        SpliceMode::Bulk { on: false }
     } else {
-        (SpliceMode::Off, SpliceMode::Off)
+        SpliceMode::Off
+    };
+    let down = if on && link_splices(link, Way::From) && local.can_splice(Way::Into) {
+        SpliceMode::Frames { bulk: false }
+    } else {
+        SpliceMode::Off
     };
     (Direction::new(up), Direction::new(down))
 }

@@ -48,10 +48,20 @@ pub trait Splice {
         None
     }
 
-    /// Whether [`Splice::poll_splice`] works on this I/O.
-    fn can_splice(&self) -> bool {
+    /// Whether [`Splice::poll_splice`] works on this I/O in that direction.
+    fn can_splice(&self, way: Way) -> bool {
+        let _ = way;
         false
     }
+}
+
+/// Which way bytes are spliced, as seen from the I/O object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// Out of it (it is read from).
+    From,
+    /// Into it (it is written to).
+    Into,
 }
 
 impl Splice for TcpStream {
@@ -80,7 +90,7 @@ impl Splice for TcpStream {
         })
     }
 
-    fn can_splice(&self) -> bool {
+    fn can_splice(&self, _way: Way) -> bool {
         cfg!(target_os = "linux")
     }
 }

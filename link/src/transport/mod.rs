@@ -341,13 +341,16 @@ impl Splice for Stream {
         }
     }
 
-    fn can_splice(&self) -> bool {
+    fn can_splice(&self, way: crate::splice::Way) -> bool {
         match &self.io {
             #[cfg(unix)]
-            Io::Unix(s) => s.can_splice(),
+            Io::Unix(s) => s.can_splice(way),
             #[cfg(target_os = "linux")]
-            Io::Vsock(s) => s.can_splice(),
-            _ => false,
+            Io::Vsock(s) => s.can_splice(way),
+            _ => {
+                let _ = way;
+                false
+            }
         }
     }
 }

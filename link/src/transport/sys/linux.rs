@@ -34,7 +34,7 @@ pub(crate) fn unsupported(endpoint: &Endpoint) -> Option<&'static str> {
 
 pub(crate) async fn vsock_connect(cid: u32, port: u32) -> io::Result<VmStream> {
     let s = tokio_vsock::VsockStream::connect(VsockAddr::new(cid, port)).await?;
-    VmStream::from_fd(OwnedFd::from(s))
+    VmStream::from_vsock(OwnedFd::from(s))
 }
 
 pub(crate) fn vsock_bind(cid: VsockCid, port: u32) -> io::Result<VmListener> {
@@ -49,7 +49,7 @@ pub(crate) fn vsock_bind(cid: VsockCid, port: u32) -> io::Result<VmListener> {
 pub(crate) async fn vm_accept(listener: &VmListener) -> io::Result<(VmStream, u32, u32)> {
     let (s, addr) = listener.accept().await?;
     Ok((
-        VmStream::from_fd(OwnedFd::from(s))?,
+        VmStream::from_vsock(OwnedFd::from(s))?,
         addr.cid(),
         addr.port(),
     ))
