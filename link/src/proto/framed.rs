@@ -320,36 +320,49 @@ impl<S: AsyncRead + Unpin> Framed<S> {
     #[cfg(target_os = "linux")]
     pub fn poll_read_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.rstate == ReadState::Open && self.data_left == 0 {
-            let pending = self.rbuf.get(self.rpos..self.rlen).unwrap_or_default();
-            match decode_frame_head(pending) {
-                Ok(Some((head, used))) => {
-                    self.rpos += used;
-                    match head {
-                        FrameHead::Data(len) => self.data_left = len,
-                        FrameHead::End => self.rstate = ReadState::Ended,
-                        FrameHead::Reset => self.rstate = ReadState::PeerReset,
-                    }
-                }
+            match self.take_head() {
+                Ok(true) => {}
                 // At most a head's bytes: after END only RESET may follow, and a data frame's
                 // payload is not read.
-                Ok(None) => {
-                    let partial = !pending.is_empty();
-                    if ready!(self.poll_fill(cx, DATA_HEAD_LEN))? == 0 {
-                        let what = if partial {
-                            "link stream ended inside a frame head"
-                        } else {
-                            "link stream ended without an end-of-stream frame"
-                        };
-                        return self.fail(
-                            io::ErrorKind::UnexpectedEof,
-                            io::Error::new(io::ErrorKind::UnexpectedEof, what),
-                        );
-                    }
-                }
+                Ok(false) => ready!(self.poll_fill_head(cx, DATA_HEAD_LEN))?,
                 Err(e) => return self.fail(io::ErrorKind::InvalidData, invalid(e)),
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Takes the frame head buffered at `rbuf[rpos..rlen]`, if it is whole: a data frame's
+    /// length, END or RESET; `Ok(false)` when more bytes are needed.
+    fn take_head(&mut self) -> Result<bool, ProtoError> {
+        let pending = self.rbuf.get(self.rpos..self.rlen).unwrap_or_default();
+        let Some((head, used)) = decode_frame_head(pending)? else {
+            return Ok(false);
+        };
+        self.rpos += used;
+        match head {
+            FrameHead::Data(len) => self.data_left = len,
+            FrameHead::End => self.rstate = ReadState::Ended,
+            FrameHead::Reset => self.rstate = ReadState::PeerReset,
+        }
+        Ok(true)
+    }
+
+    /// Reads more of a frame head (see [`Framed::poll_fill`]); the transport ending there is an
+    /// error, inside a head or before one.
+    fn poll_fill_head(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<()>> {
+        let partial = self.rpos < self.rlen;
+        if ready!(self.poll_fill(cx, limit))? > 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let what = if partial {
+            "link stream ended inside a frame head"
+        } else {
+            "link stream ended without an end-of-stream frame"
+        };
+        self.fail(
+            io::ErrorKind::UnexpectedEof,
+            io::Error::new(io::ErrorKind::UnexpectedEof, what),
+        )
     }
 }
 
@@ -436,18 +449,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
                 }
                 continue;
             }
-            let pending = this.rbuf.get(this.rpos..this.rlen).unwrap_or_default();
-            match decode_frame_head(pending) {
-                Ok(Some((head, used))) => {
-                    this.rpos += used;
-                    match head {
-                        FrameHead::Data(len) => this.data_left = len,
-                        FrameHead::End => this.rstate = ReadState::Ended,
-                        FrameHead::Reset => this.rstate = ReadState::PeerReset,
-                    }
-                }
-                Ok(None) => {
-                    let partial = !pending.is_empty();
+            match this.take_head() {
+                Ok(true) => {}
+                Ok(false) => {
+                    let partial = this.rpos < this.rlen;
                     if !partial && buf.remaining() >= DIRECT_READ_MIN {
                         // A large caller's buffer and no head begun: read the head with what
                         // follows it straight into the caller's buffer (a small frame, or
@@ -484,17 +489,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
                     } else {
                         RBUF_LEN
                     };
-                    if ready!(this.poll_fill(cx, limit))? == 0 {
-                        let what = if partial {
-                            "link stream ended inside a frame head"
-                        } else {
-                            "link stream ended without an end-of-stream frame"
-                        };
-                        return this.fail(
-                            io::ErrorKind::UnexpectedEof,
-                            io::Error::new(io::ErrorKind::UnexpectedEof, what),
-                        );
-                    }
+                    ready!(this.poll_fill_head(cx, limit))?;
                 }
                 Err(e) => return this.fail(io::ErrorKind::InvalidData, invalid(e)),
             }
