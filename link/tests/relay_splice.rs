@@ -8,7 +8,7 @@
 
 mod chain;
 
-use chain::{Prng, STEP, chain, check, header, link, send, tcp_pair};
+use chain::{Prng, STEP, bulk_both_ways, chain, check, header, link, tcp_pair};
 use hostnet_link::proto::framed::FRAME_DATA;
 use hostnet_link::proto::{self, PayloadStream, StreamMode};
 use hostnet_link::relay::{RelayEnd, relay, reset_tcp};
@@ -22,26 +22,7 @@ use tokio_util::sync::CancellationToken;
 async fn bulk_both_ways_is_spliced_and_intact() {
     const TOTAL: usize = 24 << 20;
     let before = spliced_bytes();
-    let c = chain().await;
-    let (cr, cw) = c.client.into_split();
-    let (sr, sw) = c.server.into_split();
-    let jobs = [
-        tokio::spawn(send(cw, 1, TOTAL, 256 * 1024)),
-        tokio::spawn(send(sw, 2, TOTAL, 256 * 1024)),
-        tokio::spawn(check(sr, 1, TOTAL, "client to server")),
-        tokio::spawn(check(cr, 2, TOTAL, "server to client")),
-    ];
-    for j in jobs {
-        tokio::time::timeout(STEP, j).await.unwrap().unwrap();
-    }
-    for (name, r) in [("near", c.near), ("far", c.far)] {
-        match tokio::time::timeout(STEP, r).await.unwrap().unwrap() {
-            RelayEnd::Done(up, down) => {
-                assert_eq!((up, down), (TOTAL as u64, TOTAL as u64), "{name}")
-            }
-            other => panic!("{name} relay: {other:?}"),
-        }
-    }
+    bulk_both_ways(TOTAL, 1).await;
     // Four relay directions moved TOTAL each; the first bytes of a burst and the heads of
     // frames are copied.
     let spliced = spliced_bytes() - before;

@@ -149,3 +149,29 @@ pub async fn check(mut r: impl AsyncRead + Unpin, seed: u64, total: usize, what:
     }
     assert_eq!(got, total, "{what}: stream ended early");
 }
+
+/// `total` bytes each way at once through a fresh chain (streams `seed` and `seed + 1`), each
+/// way half-closed at its end: checks every byte and that both relays end cleanly with the
+/// counts.
+pub async fn bulk_both_ways(total: usize, seed: u64) {
+    let c = chain().await;
+    let (cr, cw) = c.client.into_split();
+    let (sr, sw) = c.server.into_split();
+    let jobs = [
+        tokio::spawn(send(cw, seed, total, 256 * 1024)),
+        tokio::spawn(send(sw, seed + 1, total, 256 * 1024)),
+        tokio::spawn(check(sr, seed, total, "client to server")),
+        tokio::spawn(check(cr, seed + 1, total, "server to client")),
+    ];
+    for j in jobs {
+        tokio::time::timeout(STEP, j).await.unwrap().unwrap();
+    }
+    for (name, r) in [("near", c.near), ("far", c.far)] {
+        match tokio::time::timeout(STEP, r).await.unwrap().unwrap() {
+            RelayEnd::Done(up, down) => {
+                assert_eq!((up, down), (total as u64, total as u64), "{name}")
+            }
+            other => panic!("{name} relay: {other:?}"),
+        }
+    }
+}
