@@ -94,6 +94,9 @@ trait Source {
         pipe: &mut Pipe,
         heads: bool,
     ) -> Option<Poll<io::Result<usize>>>;
+    /// Whether [`Source::poll_splice_in`] may splice now (checked before a pipe is taken).
+    #[cfg(target_os = "linux")]
+    fn may_splice(&self, heads: bool) -> bool;
 }
 
 /// Where a direction writes: the local connection, or the link (with a frame head written in
@@ -135,6 +138,10 @@ impl<C: AsyncRead + Splice + Unpin> Source for Local<'_, C> {
             .poll_splice(cx, tokio::io::Interest::READABLE, &mut |fd| {
                 pipe.fill(fd, RELAY_BUFFER)
             })
+    }
+    #[cfg(target_os = "linux")]
+    fn may_splice(&self, _heads: bool) -> bool {
+        true
     }
 }
 
@@ -190,6 +197,15 @@ impl<S: AsyncRead + AsyncWrite + Splice + Unpin> Source for PayloadStream<S> {
         }
         (f.splice_readable() >= SPLICE_FRAME_MIN)
             .then(|| f.poll_splice_read(cx, &mut |fd, max| pipe.fill(fd, max)))
+    }
+    #[cfg(target_os = "linux")]
+    fn may_splice(&self, heads: bool) -> bool {
+        match self {
+            PayloadStream::Framed(f) => {
+                (heads && f.at_frame_boundary()) || f.splice_readable() >= SPLICE_FRAME_MIN
+            }
+            PayloadStream::Raw(_) => false,
+        }
     }
 }
 
@@ -323,6 +339,11 @@ impl Direction {
         };
         let heads = self.splice == SpliceMode::Frames { bulk: true };
         if !on || self.read_done {
+            self.release_pipe();
+            return Poll::Ready(Ok(false));
+        }
+        if !r.may_splice(heads) {
+            // The link is at a small frame's payload or inside a head: copy, holding no pipe.
             self.release_pipe();
             return Poll::Ready(Ok(false));
         }

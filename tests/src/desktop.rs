@@ -238,6 +238,7 @@ pub fn http_handler(body: &'static str) -> impl Fn(TcpStream) + Send + Sync + 's
         let mut buf = [0u8; 1024];
         while !req.windows(4).any(|w| w == b"\r\n\r\n") {
             match s.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Ok(0) | Err(_) => return,
                 Ok(n) => req.extend_from_slice(&buf[..n]),
             }

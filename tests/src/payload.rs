@@ -143,13 +143,17 @@ pub fn read_prng(r: &mut impl Read, seed: u64, total: u64, what: &str) -> Result
     Ok(())
 }
 
-/// The next read must be a clean EOF.
+/// The next read must be a clean EOF (a read interrupted by a signal is tried again: a socket
+/// with a receive timeout reports `EINTR` even for handlers installed with `SA_RESTART`).
 pub fn expect_eof(r: &mut impl Read, what: &str) -> Result<(), String> {
     let mut b = [0u8; 1];
-    match r.read(&mut b) {
-        Ok(0) => Ok(()),
-        Ok(_) => Err(format!("{what}: extra data where EOF was expected")),
-        Err(e) => Err(format!("{what}: error where EOF was expected: {e}")),
+    loop {
+        return match r.read(&mut b) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(format!("{what}: extra data where EOF was expected")),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => Err(format!("{what}: error where EOF was expected: {e}")),
+        };
     }
 }
 

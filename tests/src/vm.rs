@@ -675,6 +675,7 @@ pub fn hybrid_connect(uds: &Path, port: u32, timeout: Duration) -> io::Result<Un
                     format!("guest port {port}: reset without a reply (no listener)"),
                 ));
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
