@@ -21,6 +21,7 @@
 //! AF_HYPERV Windows-only, each behind `cfg(target_os)` on its code and its dependencies.
 
 pub mod discovery;
+mod pool;
 pub mod ports;
 pub mod proto;
 pub mod relay;

@@ -10,7 +10,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::pool::Pool;
 use crate::proto::framed::DATA_HEAD_LEN;
 use crate::proto::{PayloadStream, ProtoError, RelayStatus, STATUS_TIMEOUT, StatusReader};
 #[cfg(target_os = "linux")]
@@ -35,19 +35,16 @@ const POOL_KEEP: usize = 4;
 /// [`PayloadStream::poll_write_headroom`]).
 const HEADROOM: usize = DATA_HEAD_LEN;
 
-static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+static BUFFERS: Pool<Box<[u8]>> = Pool::new(POOL_KEEP);
 
 fn take_buffer() -> Box<[u8]> {
-    let pooled = POOL.lock().ok().and_then(|mut p| p.pop());
-    pooled.unwrap_or_else(|| vec![0u8; HEADROOM + RELAY_BUFFER].into_boxed_slice())
+    BUFFERS
+        .take()
+        .unwrap_or_else(|| vec![0u8; HEADROOM + RELAY_BUFFER].into_boxed_slice())
 }
 
 fn give_buffer(buf: Box<[u8]>) {
-    if let Ok(mut p) = POOL.lock()
-        && p.len() < POOL_KEEP
-    {
-        p.push(buf);
-    }
+    BUFFERS.give(buf);
 }
 
 /// A direction's first spliced read after a copied read at least this large (a bulk sender):
@@ -510,24 +507,6 @@ fn directions<C: Splice>(local: &C, link: &PayloadStream<Stream>) -> (Direction,
     (Direction::new(up), Direction::new(down))
 }
 
-/// Copies both ways until both directions have ended (like `copy_bidirectional`): bytes
-/// local → link, link → local.
-async fn copy_both<C>(local: &mut C, link: &mut PayloadStream<Stream>) -> io::Result<(u64, u64)>
-where
-    C: AsyncRead + AsyncWrite + Splice + Unpin,
-{
-    let (mut up, mut down) = directions(local, link);
-    std::future::poll_fn(|cx| {
-        let a = up.poll_copy(cx, &mut Local(local), link)?;
-        let b = down.poll_copy(cx, link, &mut Local(local))?;
-        match (a, b) {
-            (Poll::Ready(a), Poll::Ready(b)) => Poll::Ready(Ok((a, b))),
-            _ => Poll::Pending,
-        }
-    })
-    .await
-}
-
 /// How long writing a RESET frame may take before the stream is just dropped.
 const RESET_GRACE: Duration = Duration::from_secs(1);
 
@@ -564,26 +543,22 @@ pub enum RelayEnd {
 /// Relays `local` and `link` until both directions end; on an error or when `cancel` fires,
 /// resets both (`reset_local` resets the local side, e.g. [`reset_tcp`]).
 pub async fn relay<C>(
-    mut local: C,
-    mut link: PayloadStream<Stream>,
+    local: C,
+    link: PayloadStream<Stream>,
     cancel: &CancellationToken,
     reset_local: impl FnOnce(C),
 ) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Splice + Unpin,
 {
-    let res = tokio::select! {
-        r = copy_both(&mut local, &mut link) => Some(r),
-        () = cancel.cancelled() => None,
-    };
-    let end = match res {
-        Some(Ok((up, down))) => return RelayEnd::Done(up, down),
-        Some(Err(e)) => RelayEnd::Reset(e),
-        None => RelayEnd::Cancelled,
-    };
-    reset_local(local);
-    reset_link(link).await;
-    end
+    match run(local, link, cancel, reset_local, false).await {
+        OpenedEnd::Relayed(end) => end,
+        // No status is due, so none can refuse or be missing.
+        OpenedEnd::Refused(st) => RelayEnd::Reset(io::Error::other(format!(
+            "relay status {st:?} where none was due"
+        ))),
+        OpenedEnd::NoStatus(e) => RelayEnd::Reset(io::Error::other(e)),
+    }
 }
 
 /// How a relay started by its opener before the status ([`relay_opened`]) ended.
@@ -599,27 +574,32 @@ pub enum OpenedEnd {
     Relayed(RelayEnd),
 }
 
-/// Why [`copy_opened`] stopped before both directions ended.
+/// Why [`copy`] stopped before both directions ended.
 enum Stop {
     Refused(RelayStatus),
     NoStatus(ProtoError),
     Failed(io::Error),
 }
 
-/// [`copy_both`] for the opener: local → link from the start; link → local once the status
-/// (read first on that direction) says `Ok`. An error on local → link while the status is due
-/// is held until it arrives: a refusal (the acceptor closes the stream, so writes may fail
-/// first) is reported as a refusal.
-async fn copy_opened<C>(local: &mut C, link: &mut PayloadStream<Stream>) -> Result<(u64, u64), Stop>
+/// Copies both ways until both directions have ended (like `copy_bidirectional`): bytes
+/// local → link, link → local. With `status_due` (the opener), link → local starts once the
+/// status (read first on that direction) says `Ok`, and an error on local → link while the
+/// status is due is held until it arrives: a refusal (the acceptor closes the stream, so writes
+/// may fail first) is reported as a refusal.
+async fn copy<C>(
+    local: &mut C,
+    link: &mut PayloadStream<Stream>,
+    status_due: bool,
+) -> Result<(u64, u64), Stop>
 where
     C: AsyncRead + AsyncWrite + Splice + Unpin,
 {
     let (mut up, mut down) = directions(local, link);
-    let mut status = Some(StatusReader::new());
+    let mut status = status_due.then(StatusReader::new);
     let mut up_failed: Option<io::Error> = None;
     let mut up_done: Option<u64> = None;
     // Dropped with the status read, so that no timer outlives its use.
-    let deadline = Some(tokio::time::sleep(STATUS_TIMEOUT));
+    let deadline = status_due.then(|| tokio::time::sleep(STATUS_TIMEOUT));
     tokio::pin!(deadline);
     std::future::poll_fn(|cx| {
         if let Some(reader) = status.as_mut() {
@@ -674,16 +654,31 @@ where
 /// the status (read under [`STATUS_TIMEOUT`]): on `Ok` the payload follows; on anything else
 /// `local` is reset and the stream dropped ([`OpenedEnd::Refused`]).
 pub async fn relay_opened<C>(
-    mut local: C,
-    mut link: PayloadStream<Stream>,
+    local: C,
+    link: PayloadStream<Stream>,
     cancel: &CancellationToken,
     reset_local: impl FnOnce(C),
 ) -> OpenedEnd
 where
     C: AsyncRead + AsyncWrite + Splice + Unpin,
 {
+    run(local, link, cancel, reset_local, true).await
+}
+
+/// [`copy`] until it ends or `cancel` fires; then, unless both directions ended cleanly, resets
+/// `local` (and the link, except after a refusal: the acceptor closes it).
+async fn run<C>(
+    mut local: C,
+    mut link: PayloadStream<Stream>,
+    cancel: &CancellationToken,
+    reset_local: impl FnOnce(C),
+    status_due: bool,
+) -> OpenedEnd
+where
+    C: AsyncRead + AsyncWrite + Splice + Unpin,
+{
     let res = tokio::select! {
-        r = copy_opened(&mut local, &mut link) => Some(r),
+        r = copy(&mut local, &mut link, status_due) => Some(r),
         () = cancel.cancelled() => None,
     };
     let end = match res {

@@ -16,8 +16,6 @@
 use std::io;
 #[cfg(target_os = "linux")]
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-#[cfg(target_os = "linux")]
-use std::sync::Mutex;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(target_os = "linux")]
@@ -26,6 +24,9 @@ use std::task::{Context, Poll};
 #[cfg(target_os = "linux")]
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+#[cfg(target_os = "linux")]
+use crate::pool::Pool;
 
 /// An operation on a ready descriptor: `splice` into or out of a pipe.
 #[cfg(target_os = "linux")]
@@ -90,8 +91,9 @@ impl Splice for TcpStream {
         })
     }
 
+    #[cfg(target_os = "linux")]
     fn can_splice(&self, _way: Way) -> bool {
-        cfg!(target_os = "linux")
+        true
     }
 }
 
@@ -104,7 +106,7 @@ const PIPE_SIZE: usize = 256 * 1024;
 const PIPES_KEPT: usize = 4;
 
 #[cfg(target_os = "linux")]
-static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+static PIPES: Pool<Pipe> = Pool::new(PIPES_KEPT);
 /// Bytes relays of this process have spliced (written out of a pipe).
 static SPLICED: AtomicU64 = AtomicU64::new(0);
 
@@ -142,7 +144,7 @@ pub(crate) struct Pipe {
 impl Pipe {
     /// An empty pipe from the pool, or a new one.
     pub(crate) fn take() -> io::Result<Pipe> {
-        if let Some(p) = PIPES.lock().ok().and_then(|mut p| p.pop()) {
+        if let Some(p) = PIPES.take() {
             return Ok(p);
         }
         use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -158,11 +160,8 @@ impl Pipe {
 
     /// Gives an empty pipe back to the pool (one holding bytes is closed).
     pub(crate) fn give(self) {
-        if self.held == 0
-            && let Ok(mut p) = PIPES.lock()
-            && p.len() < PIPES_KEPT
-        {
-            p.push(self);
+        if self.held == 0 {
+            PIPES.give(self);
         }
     }
 

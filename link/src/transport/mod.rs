@@ -341,16 +341,11 @@ impl Splice for Stream {
         }
     }
 
+    #[cfg(target_os = "linux")]
     fn can_splice(&self, way: crate::splice::Way) -> bool {
         match &self.io {
-            #[cfg(unix)]
-            Io::Unix(s) => s.can_splice(way),
-            #[cfg(target_os = "linux")]
-            Io::Vsock(s) => s.can_splice(way),
-            _ => {
-                let _ = way;
-                false
-            }
+            Io::Unix(s) | Io::Vsock(s) => s.can_splice(way),
+            _ => false,
         }
     }
 }
