@@ -113,33 +113,69 @@ pub fn bulk(to: SocketAddr, streams: usize, secs: f64) -> Result<f64> {
 /// 64-byte round trips on one connection to an echo server (200 warm-up trips first); (p50, p99)
 /// in µs.
 pub fn rr(to: SocketAddr, n: usize) -> Result<(f64, f64)> {
-    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-    nodelay(&s);
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let msg = [7u8; 64];
+    rr_on(echo_client(to)?, 200, n)
+}
+
+/// 64-byte round trips on `s`, a stream to an echo, each echo checked (numbered messages):
+/// `warmup` unmeasured, then `n`; (p50, p99) in µs.
+pub fn rr_on(mut s: impl Read + Write, warmup: usize, n: usize) -> Result<(f64, f64)> {
+    let mut msg = [7u8; 64];
     let mut back = [0u8; 64];
     let mut lat = Vec::with_capacity(n);
-    for i in 0..n + 200 {
+    for i in 0..warmup + n {
+        msg[..8].copy_from_slice(&(i as u64).to_le_bytes());
         let t = Instant::now();
         s.write_all(&msg)?;
-        s.read_exact(&mut back)?;
-        if i >= 200 {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        s.read_exact(&mut back)
+            .with_context(|| format!("echo of round trip {i}"))?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if back != msg {
+            bail!("round trip {i}: a wrong echo");
+        }
+        if i >= warmup {
+            lat.push(us);
         }
     }
     Ok((pct(&mut lat, 50.0), pct(&mut lat, 99.0)))
 }
 
+/// A TCP client of an echo server: TCP_NODELAY, 5 s read timeout.
+fn echo_client(to: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    nodelay(&s);
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
 /// Connections per second to an echo server: connect, 1 byte each way, close.
 pub fn conn_rate(to: SocketAddr, n: usize) -> Result<f64> {
-    let t0 = Instant::now();
-    for _ in 0..n {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-        nodelay(&s);
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn_rate_with(|| echo_client(to), 0, n)
+}
+
+/// Connections per second to an echo, each opened by `open`, 1 byte written and its echo
+/// checked, closed: `warmup` unmeasured, then `n`.
+pub fn conn_rate_with<S: Read + Write>(
+    open: impl Fn() -> Result<S>,
+    warmup: usize,
+    n: usize,
+) -> Result<f64> {
+    let one = |i: usize| -> Result<()> {
+        let mut s = open().with_context(|| format!("connection {i}"))?;
         s.write_all(b"x")?;
         let mut b = [0u8; 1];
-        s.read_exact(&mut b)?;
+        s.read_exact(&mut b)
+            .with_context(|| format!("echo on connection {i}"))?;
+        if &b != b"x" {
+            bail!("connection {i}: a wrong echo");
+        }
+        Ok(())
+    };
+    for i in 0..warmup {
+        one(i)?;
+    }
+    let t0 = Instant::now();
+    for i in 0..n {
+        one(warmup + i)?;
     }
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }

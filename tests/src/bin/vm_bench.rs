@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use hostnet_e2e::measure::{Row, pct, print_table};
+use hostnet_e2e::measure::{Row, conn_rate_with, print_table, rr_on};
 use hostnet_e2e::net::{LO4, free_port, sa, tcp_listeners};
 use hostnet_e2e::vm::{self, Vm, median};
 
@@ -115,50 +115,17 @@ impl Bounded for UnixStream {
     }
 }
 
-/// 64-byte round trips on `s` to an echo: [`RR_WARMUP`] unmeasured, then `n`; (p50, p99) in µs.
-fn rr(mut s: impl Read + Write, n: usize) -> Result<(f64, f64)> {
-    let mut msg = [0u8; 64];
-    let mut back = [0u8; 64];
-    let mut lat = Vec::with_capacity(n);
-    for i in 0..RR_WARMUP + n {
-        msg[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let t = Instant::now();
-        s.write_all(&msg)?;
-        s.read_exact(&mut back)
-            .with_context(|| format!("echo of round trip {i}"))?;
-        let us = t.elapsed().as_secs_f64() * 1e6;
-        if back != msg {
-            bail!("round trip {i}: a wrong echo");
-        }
-        if i >= RR_WARMUP {
-            lat.push(us);
-        }
+/// Starts the guest server `name` (`line`) and waits until hostnet mirrors its `port` on the
+/// host's 127.0.0.1.
+fn spawn_mirrored(vm: &Vm, name: &str, line: &str, port: u16) -> Result<()> {
+    vm.spawn(name, line);
+    if vm
+        .wait_host_tcp(LO4, port, true, Duration::from_secs(20))
+        .is_none()
+    {
+        bail!("{name} port {port} not mirrored");
     }
-    Ok((pct(&mut lat, 50.0), pct(&mut lat, 99.0)))
-}
-
-/// Connections per second to an echo, each opened by `open`, 1 byte written and read back,
-/// closed: [`CONN_WARMUP`] unmeasured, then `n`.
-fn conn_rate<S: Read + Write>(open: impl Fn() -> Result<S>, n: usize) -> Result<f64> {
-    let one = |i: usize| -> Result<()> {
-        let mut s = open().with_context(|| format!("connection {i}"))?;
-        s.write_all(b"x")?;
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b)
-            .with_context(|| format!("echo on connection {i}"))?;
-        if &b != b"x" {
-            bail!("connection {i}: a wrong echo");
-        }
-        Ok(())
-    };
-    for i in 0..CONN_WARMUP {
-        one(i)?;
-    }
-    let t0 = Instant::now();
-    for i in 0..n {
-        one(CONN_WARMUP + i)?;
-    }
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// Sums the context switches of every thread in a `/proc/PID/task/*/status` dump.
@@ -372,16 +339,12 @@ fn main() -> Result<()> {
 
     // Throughput.
     let p = free_port();
-    vm.spawn(
+    spawn_mirrored(
+        &vm,
         "bulk",
         &format!("vm_guest bulk 0.0.0.0:{p} --vsock {RAW_PORT}"),
-    );
-    if vm
-        .wait_host_tcp(LO4, p, true, Duration::from_secs(20))
-        .is_none()
-    {
-        bail!("bulk port {p} not mirrored");
-    }
+        p,
+    )?;
     vm.spawn(
         "relay",
         &format!("vm_guest relay {RELAY_PORT} 127.0.0.1:{p}"),
@@ -412,16 +375,12 @@ fn main() -> Result<()> {
     // Request/response latency and connection rate, to one echo server (TCP for hostnet and
     // the relay, vsock for raw).
     let pe = free_port();
-    vm.spawn(
+    spawn_mirrored(
+        &vm,
         "echo",
         &format!("vm_guest tcp-echo 0.0.0.0:{pe} --vsock {ECHO_PORT}"),
-    );
-    if vm
-        .wait_host_tcp(LO4, pe, true, Duration::from_secs(20))
-        .is_none()
-    {
-        bail!("echo port {pe} not mirrored");
-    }
+        pe,
+    )?;
     vm.spawn(
         "relay-echo",
         &format!("vm_guest relay {RELAY_ECHO_PORT} 127.0.0.1:{pe}"),
@@ -438,14 +397,14 @@ fn main() -> Result<()> {
     let rr_start = Instant::now();
     for t in 0..args.trials {
         let trips = [
-            rr(echo_raw()?, n).context("raw RR")?,
-            rr(echo_rl()?, n).context("relay RR")?,
-            rr(echo_hn()?, n).context("hostnet RR")?,
+            rr_on(echo_raw()?, RR_WARMUP, n).context("raw RR")?,
+            rr_on(echo_rl()?, RR_WARMUP, n).context("relay RR")?,
+            rr_on(echo_hn()?, RR_WARMUP, n).context("hostnet RR")?,
         ];
         let rates = [
-            conn_rate(echo_raw, args.conns).context("raw connections")?,
-            conn_rate(echo_rl, args.conns).context("relay connections")?,
-            conn_rate(echo_hn, args.conns).context("hostnet connections")?,
+            conn_rate_with(echo_raw, CONN_WARMUP, args.conns).context("raw connections")?,
+            conn_rate_with(echo_rl, CONN_WARMUP, args.conns).context("relay connections")?,
+            conn_rate_with(echo_hn, CONN_WARMUP, args.conns).context("hostnet connections")?,
         ];
         for i in 0..3 {
             rr50[i].push(trips[i].0);
