@@ -8,13 +8,11 @@
 
 mod chain;
 
-use chain::{Prng, STEP, bulk_both_ways, chain, check, header, link, tcp_pair};
+use chain::{Prng, STEP, bulk_both_ways, chain, check, near_half};
 use hostnet_link::proto::framed::FRAME_DATA;
-use hostnet_link::proto::{self, PayloadStream, StreamMode};
-use hostnet_link::relay::{RelayEnd, relay, reset_tcp};
+use hostnet_link::relay::{RelayEnd, reset_tcp};
 use hostnet_link::splice::spliced_bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 /// 24 MiB each way at once, half-closed each way: intact, both relays end cleanly with the
 /// counts, and most of it was spliced rather than copied.
@@ -127,19 +125,7 @@ async fn reset_while_splicing_resets_the_client() {
 #[tokio::test]
 async fn link_cut_inside_a_spliced_frame_resets_the_client() {
     let dir = tempfile::tempdir().unwrap();
-    let (c, mut l) = link(dir.path());
-    let (mut client, local) = tcp_pair().await;
-    let mut s = c.open().await.unwrap();
-    proto::write_header(&mut s, &header()).await.unwrap();
-    let near = tokio::spawn(async move {
-        let link = PayloadStream::new(s, StreamMode::Framed);
-        relay(local, link, &CancellationToken::new(), reset_tcp).await
-    });
-    let mut a = tokio::time::timeout(STEP, l.accept())
-        .await
-        .unwrap()
-        .unwrap();
-    proto::read_header(&mut a, STEP).await.unwrap();
+    let (mut client, near, mut a) = near_half(dir.path()).await;
     // A frame announcing 200,000 bytes, of which 150,000 come; then the stream closes.
     let mut frame = vec![FRAME_DATA];
     frame.extend_from_slice(&200_000u32.to_be_bytes());

@@ -4,11 +4,12 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use hostnet_link::proto::{self, PayloadStream, RelayTarget, StreamHeader, StreamKind, StreamMode};
 use hostnet_link::relay::{RelayEnd, relay, reset_tcp};
-use hostnet_link::transport::{Auth, Connector, Endpoint, Listener};
+use hostnet_link::transport::{Auth, Connector, Endpoint, Listener, Stream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -35,7 +36,7 @@ pub fn header() -> StreamHeader {
 }
 
 /// The unix link: (connector, listener) in `dir`.
-pub fn link(dir: &std::path::Path) -> (Connector, Listener) {
+pub fn link(dir: &Path) -> (Connector, Listener) {
     let ep: Endpoint = format!("unix://{}", dir.join("l.sock").display())
         .parse()
         .unwrap();
@@ -54,9 +55,27 @@ pub struct Chain {
 
 pub async fn chain() -> Chain {
     let dir = tempfile::tempdir().unwrap();
-    let (c, mut l) = link(dir.path());
-    let (client, near_local) = tcp_pair().await;
+    let (client, near, a) = near_half(dir.path()).await;
     let (far_local, server) = tcp_pair().await;
+    let far = tokio::spawn(async move {
+        let link = PayloadStream::new(a, StreamMode::Framed);
+        relay(far_local, link, &CancellationToken::new(), reset_tcp).await
+    });
+    Chain {
+        client,
+        server,
+        near,
+        far,
+        _dir: dir,
+    }
+}
+
+/// The client's half of a chain, with its link in `dir`: the client, its relay on a framed
+/// unix link stream, and that stream's other end as accepted (header read and checked), for
+/// the caller to play the far side.
+pub async fn near_half(dir: &Path) -> (TcpStream, JoinHandle<RelayEnd>, Stream) {
+    let (c, mut l) = link(dir);
+    let (client, near_local) = tcp_pair().await;
     let mut s = c.open().await.unwrap();
     proto::write_header(&mut s, &header()).await.unwrap();
     let near = tokio::spawn(async move {
@@ -69,17 +88,7 @@ pub async fn chain() -> Chain {
         .unwrap();
     let h = proto::read_header(&mut a, STEP).await.unwrap();
     assert_eq!(h, header());
-    let far = tokio::spawn(async move {
-        let link = PayloadStream::new(a, StreamMode::Framed);
-        relay(far_local, link, &CancellationToken::new(), reset_tcp).await
-    });
-    Chain {
-        client,
-        server,
-        near,
-        far,
-        _dir: dir,
-    }
+    (client, near, a)
 }
 
 /// A seeded pseudo-random byte stream (xorshift64*): the same bytes however it is cut.
