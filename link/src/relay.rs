@@ -109,11 +109,6 @@ trait Sink {
     -> Poll<io::Result<usize>>;
 }
 
-#[cfg(target_os = "linux")]
-fn unsupported() -> io::Error {
-    io::Error::new(io::ErrorKind::Unsupported, "this end cannot be spliced")
-}
-
 struct Local<'a, C>(&'a mut C);
 
 impl<C: AsyncRead + Splice + Unpin> Source for Local<'_, C> {
@@ -160,10 +155,9 @@ impl<C: AsyncWrite + Splice + Unpin> Sink for Local<'_, C> {
     ) -> Poll<io::Result<usize>> {
         let held = pipe.held();
         self.0
-            .poll_splice(cx, tokio::io::Interest::WRITABLE, &mut |fd| {
+            .poll_splice_or_err(cx, tokio::io::Interest::WRITABLE, &mut |fd| {
                 pipe.drain(fd, held)
             })
-            .unwrap_or_else(|| Poll::Ready(Err(unsupported())))
     }
 }
 
@@ -227,7 +221,7 @@ impl<S: AsyncWrite + Splice + Unpin> Sink for PayloadStream<S> {
                 let held = pipe.held();
                 f.poll_splice_write(cx, held, &mut |fd, max| pipe.drain(fd, max))
             }
-            PayloadStream::Raw(_) => Poll::Ready(Err(unsupported())),
+            PayloadStream::Raw(_) => Poll::Ready(Err(crate::splice::unsupported())),
         }
     }
 }

@@ -49,11 +49,29 @@ pub trait Splice {
         None
     }
 
+    /// [`Splice::poll_splice`], an I/O that cannot be spliced being an `Unsupported` error.
+    #[cfg(target_os = "linux")]
+    fn poll_splice_or_err(
+        &mut self,
+        cx: &mut Context<'_>,
+        interest: Interest,
+        op: &mut FdOp<'_>,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_splice(cx, interest, op)
+            .unwrap_or_else(|| Poll::Ready(Err(unsupported())))
+    }
+
     /// Whether [`Splice::poll_splice`] works on this I/O in that direction.
     fn can_splice(&self, way: Way) -> bool {
         let _ = way;
         false
     }
+}
+
+/// The error of splicing an end that cannot be spliced.
+#[cfg(target_os = "linux")]
+pub(crate) fn unsupported() -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, "this end cannot be spliced")
 }
 
 /// Which way bytes are spliced, as seen from the I/O object.

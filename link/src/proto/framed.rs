@@ -688,8 +688,7 @@ impl<S: Splice + AsyncWrite + Unpin> Framed<S> {
         }
         let r = self
             .inner
-            .poll_splice(cx, Interest::READABLE, &mut |fd| op(fd, max))
-            .unwrap_or_else(|| Poll::Ready(Err(io::ErrorKind::Unsupported.into())));
+            .poll_splice_or_err(cx, Interest::READABLE, &mut |fd| op(fd, max));
         match ready!(r) {
             Ok(0) => {
                 self.rstate = ReadState::Failed(io::ErrorKind::UnexpectedEof);
@@ -730,11 +729,10 @@ impl<S: Splice + AsyncWrite + Unpin> Framed<S> {
             ready!(self.poll_drain(cx))?;
         }
         let max = self.owed.min(avail);
-        let r = self
-            .inner
-            .poll_splice(cx, Interest::WRITABLE, &mut |fd| op(fd, max))
-            .unwrap_or_else(|| Poll::Ready(Err(io::ErrorKind::Unsupported.into())));
-        let n = ready!(r)?;
+        let n = ready!(
+            self.inner
+                .poll_splice_or_err(cx, Interest::WRITABLE, &mut |fd| op(fd, max))
+        )?;
         if n == 0 {
             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
         }
